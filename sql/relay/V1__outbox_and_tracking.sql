@@ -36,7 +36,7 @@ create table relay.outbox (
     new_row       jsonb,
     old_row       jsonb,
     -- Announcements only: pg_current_snapshot() taken while the announcing transaction
-    -- commits (a deferred trigger). An event whose transaction is visible in it
+    -- commits (relay.stamp_announcement). An event whose transaction is visible in it
     -- committed before the announcement.
     snapshot      pg_snapshot
 );
@@ -136,9 +136,9 @@ begin
 end
 $$;
 
--- Deferred constraint trigger attached by relay.track_visibility: runs while the
--- transaction commits, so its snapshot splits the commit stream as late as Postgres
--- allows. Argument: the credential column ('' = every credential), schema, table.
+-- Row trigger attached by relay.track_visibility. Argument: the credential column ('' =
+-- every credential), schema, table. It writes the announcement at once; its snapshot is
+-- filled in while the transaction commits (relay.stamp_announcement below).
 create function relay.capture_visibility() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
@@ -159,13 +159,33 @@ begin
             case when tg_op <> 'INSERT' then to_jsonb(old) ->> credential_column end
         ]) as c where c is not null
     loop
-        insert into relay.outbox (kind, table_schema, table_name, credential_id, snapshot)
-        values ('visibility', tg_argv[1], tg_argv[2], changed_credential, pg_current_snapshot());
+        insert into relay.outbox (kind, table_schema, table_name, credential_id)
+        values ('visibility', tg_argv[1], tg_argv[2], changed_credential);
     end loop;
     perform relay.wake();
     return null;
 end
 $$;
+
+-- Stamps each announcement with pg_current_snapshot() while its transaction commits (a
+-- deferred constraint trigger on the outbox itself, so that the tracked tables carry no
+-- deferred trigger events of their own, which would make TRUNCATE fail in the same
+-- transaction). The snapshot splits the commit stream as late as Postgres allows: an
+-- event whose transaction is visible in it committed before the announcement.
+create function relay.stamp_announcement() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp
+as $$
+begin
+    update relay.outbox set snapshot = pg_current_snapshot() where id = new.id;
+    return null;
+end
+$$;
+revoke all on function relay.stamp_announcement() from public;
+
+create constraint trigger stamp_announcement after insert on relay.outbox
+    deferrable initially deferred for each row
+    when (new.kind = 'visibility')
+    execute function relay.stamp_announcement();
 
 -- One "everything may have changed" announcement per transaction.
 create function relay.announce_all_internal(source_schema text, source_table text) returns void
@@ -176,8 +196,8 @@ begin
         return;
     end if;
     perform set_config('relay.announced_all', 'on', true);
-    insert into relay.outbox (kind, table_schema, table_name, snapshot)
-    values ('visibility', source_schema, source_table, pg_current_snapshot());
+    insert into relay.outbox (kind, table_schema, table_name)
+    values ('visibility', source_schema, source_table);
     perform relay.wake();
 end
 $$;
@@ -303,12 +323,9 @@ begin
         end loop;
         select 'update of ' || string_agg(quote_ident(c), ', ') into update_clause from unnest(columns) c;
     end if;
-    -- Constraint triggers have no OR REPLACE.
-    execute format('drop trigger if exists relay_visibility on %s', tbl);
     execute format(
-        'create constraint trigger relay_visibility after insert or delete or %s on %s '
-        'deferrable initially deferred for each row '
-        'execute function relay.capture_visibility(%L, %L, %L)',
+        'create or replace trigger relay_visibility after insert or delete or %s on %s '
+        'for each row execute function relay.capture_visibility(%L, %L, %L)',
         update_clause, tbl, coalesce(credential_column, ''), target.table_schema, target.table_name);
     execute format(
         'create or replace trigger relay_visibility_truncate after truncate on %s '

@@ -133,9 +133,11 @@ pub async fn run(
 
     let tracked = client
         .query(
-            "select t.kind, c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity,
+            "select t.kind, format('%I.%I', n.nspname, c.relname), c.relrowsecurity, c.relforcerowsecurity,
                     pg_has_role($1, c.relowner, 'USAGE'), has_table_privilege($1, c.oid, 'SELECT')
-             from relay.tracked t join pg_class c on c.oid = t.tbl
+             from relay.tracked t
+             join pg_class c on c.oid = t.tbl
+             join pg_namespace n on n.oid = c.relnamespace
              order by 1, 2",
             &[&role],
         )
@@ -230,7 +232,7 @@ async fn check_visibility_query(
         }
         let row = transaction
             .query_one(
-                "select c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity,
+                "select format('%I.%I', n.nspname, c.relname), c.relrowsecurity, c.relforcerowsecurity,
                         pg_has_role($1, c.relowner, 'USAGE')
                  from pg_class c join pg_namespace n on n.oid = c.relnamespace
                  where n.nspname = $2 and c.relname = $3",

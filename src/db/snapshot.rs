@@ -53,6 +53,16 @@ impl Snapshot {
         })
     }
 
+    /// A snapshot in which no transaction is visible: whatever is compared with it counts
+    /// as later (the cautious reading of a missing snapshot).
+    pub fn nothing_visible() -> Self {
+        Self {
+            xmin: 0,
+            xmax: 0,
+            in_progress: Box::new([]),
+        }
+    }
+
     /// Whether transaction `xid` had committed (or aborted) when the snapshot was taken:
     /// `pg_visible_in_snapshot`, without a round trip.
     pub fn is_visible(&self, xid: u64) -> bool {
