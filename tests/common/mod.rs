@@ -14,3 +14,5 @@ pub use client::WsClient;
 pub use db::TestDb;
 #[allow(unused_imports)]
 pub use relay::TestRelay;
+pub mod http;
+pub mod trading;
