@@ -88,6 +88,11 @@ impl Verifier {
         })
     }
 
+    /// Clock skew tolerated on `exp`: a socket is closed this long after its token's `exp`.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
     /// The claim naming the user (`sub` by default).
     pub fn user_claim(&self) -> &str {
         &self.user_claim

@@ -24,7 +24,10 @@ pub enum Reference {
 
 #[derive(Debug, PartialEq)]
 pub enum ClientMessage {
-    Auth { token: String },
+    Auth {
+        token: String,
+        reference: Option<Reference>,
+    },
     Subscribe(SubscribeRequest),
     Unsubscribe { reference: Option<Reference> },
     Ping { reference: Option<Reference> },
@@ -76,6 +79,7 @@ impl ClientMessage {
             "auth" => match object.get("token") {
                 Some(Value::String(token)) if !token.is_empty() => Ok(Self::Auth {
                     token: token.clone(),
+                    reference,
                 }),
                 _ => Err(bad("auth needs a \"token\" string", reference)),
             },
@@ -193,6 +197,8 @@ pub enum ServerMessage<'a> {
     },
     Authenticated {
         expires_at: String,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Reference>,
     },
     Subscribed {
         #[serde(rename = "ref")]

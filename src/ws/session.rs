@@ -178,7 +178,7 @@ where
             }
         };
         let token = match ClientMessage::parse(&text) {
-            Ok(ClientMessage::Auth { token }) => token,
+            Ok(ClientMessage::Auth { token, .. }) => token,
             Ok(_) => {
                 return Err(Some(CloseReason::Unauthorized(
                     "authenticate first: {\"type\":\"auth\",\"token\":…}".into(),
@@ -237,7 +237,7 @@ impl Session {
             + Unpin
             + Send,
     {
-        let leeway = Duration::from_secs(5);
+        let leeway = self.state.verifier.leeway();
         let mut expiry = Box::pin(sleep_until(
             TokioInstant::now() + self.identity.remaining() + leeway,
         ));
@@ -247,6 +247,8 @@ impl Session {
         let shutdown = self.state.shutdown.clone();
         loop {
             tokio::select! {
+                // Closing reasons first, then the client, then events.
+                biased;
                 reason = control.closed() => return Some(reason),
                 () = shutdown.cancelled() => return Some(CloseReason::ShuttingDown),
                 () = &mut expiry => return Some(CloseReason::TokenExpired),
@@ -306,6 +308,8 @@ impl Session {
                             return None;
                         }
                     }
+                    // The router is gone: only at shutdown, normally.
+                    None if shutdown.is_cancelled() => return Some(CloseReason::ShuttingDown),
                     None => return Some(CloseReason::Internal),
                 },
             }
@@ -362,17 +366,18 @@ impl Session {
                 reference: reference.as_ref(),
             }
             .to_json(),
-            Ok(ClientMessage::Auth { token }) => match self.refresh(&token).await {
+            Ok(ClientMessage::Auth { token, reference }) => match self.refresh(&token).await {
                 Ok(()) => {
                     expiry.as_mut().reset(
-                        TokioInstant::now() + self.identity.remaining() + Duration::from_secs(5),
+                        TokioInstant::now() + self.identity.remaining() + self.state.verifier.leeway(),
                     );
                     ServerMessage::Authenticated {
                         expires_at: expires_at(self.identity.expires_at),
+                        reference: reference.as_ref(),
                     }
                     .to_json()
                 }
-                Err(message) => error_json(ErrorCode::Unauthorized, &message, None),
+                Err(message) => error_json(ErrorCode::Unauthorized, &message, reference.as_ref()),
             },
             Ok(ClientMessage::Unsubscribe { reference }) => {
                 self.state

@@ -1,0 +1,56 @@
+//! Operating the relay (SPEC §6): health, readiness, metrics, graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::http::{get, metric};
+use common::tokens::token;
+use common::trading::Trading;
+use common::{TestDb, TestRelay, WsClient};
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let db = TestDb::example().await;
+    let relay = TestRelay::start(&db.url()).await;
+    assert_eq!(get(relay.port, "/healthz").await, (200, "ok".into()));
+    assert_eq!(get(relay.port, "/readyz").await, (200, "ready".into()));
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001() {
+    let db = TestDb::example().await;
+    let relay = TestRelay::start(&db.url()).await;
+    let mut alice = WsClient::connect(&relay, &token("alice")).await;
+    let mut bob = WsClient::connect(&relay, &token("bob")).await;
+    bob.subscribe_all().await;
+    let stopping = tokio::spawn(relay.stop());
+    assert_eq!(alice.expect_close().await.0, 1001);
+    assert_eq!(bob.expect_close().await.0, 1001);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_count_what_flows() {
+    let db = TestDb::example().await;
+    let trading = Trading::new(db.client().await);
+    trading.user("alice").await;
+    let credential = trading.credential("alice", "main").await;
+    let relay = TestRelay::start(&db.url()).await;
+    let mut alice = WsClient::connect(&relay, &token("alice")).await;
+    alice.subscribe_all().await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = trading.order(&credential, &format!("M{i}")).await;
+    }
+    alice.events_until(|v| v["id"] == last).await;
+    let (status, text) = get(relay.port, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "relay_connections"), Some(1.0));
+    assert_eq!(metric(&text, "relay_subscriptions"), Some(1.0));
+    assert!(metric(&text, "relay_events_in_total").unwrap() >= 5.0, "{text}");
+    assert!(metric(&text, "relay_deliveries_total").unwrap() >= 5.0, "{text}");
+    assert_eq!(metric(&text, "relay_authentications_total{result=\"ok\"}"), Some(1.0));
+    assert_eq!(metric(&text, "relay_listener_connected"), Some(1.0));
+    assert!(metric(&text, "relay_delivery_latency_seconds_count").unwrap() >= 5.0, "{text}");
+}
