@@ -30,7 +30,8 @@ fn b64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        let n =
+            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
         for i in 0..=chunk.len() {
             let _ = out.write_char(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
@@ -40,11 +41,17 @@ fn b64(bytes: &[u8]) -> String {
 
 /// A token with `alg: none` and no signature.
 fn unsigned_token(claims: serde_json::Value) -> String {
-    format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims.to_string().as_bytes()))
+    format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    )
 }
 
 /// A relay whose example schema has one event flowing to everyone who can see it.
-async fn relay_with(configure: impl FnOnce(&mut rls_relay::config::ServeConfig)) -> (TestDb, TestRelay) {
+async fn relay_with(
+    configure: impl FnOnce(&mut rls_relay::config::ServeConfig),
+) -> (TestDb, TestRelay) {
     let db = TestDb::example().await;
     let mut config = common::relay::config(&db.url());
     configure(&mut config);
@@ -89,19 +96,43 @@ async fn every_bad_token_is_refused_and_receives_nothing() {
     let cases = [
         (sign(json!({"sub": "alice", "exp": now() - 60})), "expired"),
         (sign(json!({"sub": "alice"})), "no exp"),
-        (sign(json!({"sub": "alice", "exp": "tomorrow"})), "string exp"),
-        (sign(json!({"sub": "alice", "exp": exp, "nbf": now() + 600})), "not yet valid"),
-        (sign(json!({"exp": exp})), "no sub"),
-        (unsigned_token(json!({"sub": "alice", "exp": exp})), "alg none"),
         (
-            sign_with(Algorithm::HS256, &EncodingKey::from_secret(b"another-secret-of-sufficient-length!!").unwrap(), json!({"sub": "alice", "exp": exp})),
+            sign(json!({"sub": "alice", "exp": "tomorrow"})),
+            "string exp",
+        ),
+        (
+            sign(json!({"sub": "alice", "exp": exp, "nbf": now() + 600})),
+            "not yet valid",
+        ),
+        (sign(json!({"exp": exp})), "no sub"),
+        (
+            unsigned_token(json!({"sub": "alice", "exp": exp})),
+            "alg none",
+        ),
+        (
+            sign_with(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b"another-secret-of-sufficient-length!!").unwrap(),
+                json!({"sub": "alice", "exp": exp}),
+            ),
             "wrong key",
         ),
         (
-            sign_with(Algorithm::HS512, &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(), json!({"sub": "alice", "exp": exp})),
+            sign_with(
+                Algorithm::HS512,
+                &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+                json!({"sub": "alice", "exp": exp}),
+            ),
             "HS512 when HS256 is configured",
         ),
-        (sign_with(Algorithm::RS256, &rsa_key("rsa_private.pem"), json!({"sub": "alice", "exp": exp})), "RS256 when HS256 is configured"),
+        (
+            sign_with(
+                Algorithm::RS256,
+                &rsa_key("rsa_private.pem"),
+                json!({"sub": "alice", "exp": exp}),
+            ),
+            "RS256 when HS256 is configured",
+        ),
         ("garbage".into(), "garbage"),
         ("a.b.c".into(), "three garbage parts"),
     ];
@@ -119,15 +150,27 @@ async fn rs256_is_pinned_to_the_public_key_and_hs256_made_with_it_is_refused() {
     })
     .await;
     let claims = json!({"sub": "alice", "exp": now() + 600});
-    let good = sign_with(Algorithm::RS256, &rsa_key("rsa_private.pem"), claims.clone());
+    let good = sign_with(
+        Algorithm::RS256,
+        &rsa_key("rsa_private.pem"),
+        claims.clone(),
+    );
     let socket = WsClient::connect(&relay, &good).await;
     assert_eq!(socket.welcome["user_id"], "alice");
 
     // The classic confusion: an HMAC over the token with the *public* key as secret.
     let public_pem = std::fs::read(key_file("rsa_public.pem")).unwrap();
-    let confused = sign_with(Algorithm::HS256, &EncodingKey::from_secret(&public_pem).unwrap(), claims.clone());
+    let confused = sign_with(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(&public_pem).unwrap(),
+        claims.clone(),
+    );
     assert_refused(&relay, &confused, "HS256 signed with the RSA public key").await;
-    let other = sign_with(Algorithm::RS256, &rsa_key("other_rsa_private.pem"), claims.clone());
+    let other = sign_with(
+        Algorithm::RS256,
+        &rsa_key("other_rsa_private.pem"),
+        claims.clone(),
+    );
     assert_refused(&relay, &other, "another RSA key").await;
 }
 
@@ -138,8 +181,13 @@ async fn es256_keys_work() {
         config.jwt.jwt_public_key_file = Some(key_file("ec_public.pem"));
     })
     .await;
-    let key = EncodingKey::from_ec_pem(&std::fs::read(key_file("ec_private.pem")).unwrap()).unwrap();
-    let token = sign_with(Algorithm::ES256, &key, json!({"sub": "alice", "exp": now() + 600}));
+    let key =
+        EncodingKey::from_ec_pem(&std::fs::read(key_file("ec_private.pem")).unwrap()).unwrap();
+    let token = sign_with(
+        Algorithm::ES256,
+        &key,
+        json!({"sub": "alice", "exp": now() + 600}),
+    );
     let socket = WsClient::connect(&relay, &token).await;
     assert_eq!(socket.welcome["user_id"], "alice");
 }
@@ -152,13 +200,26 @@ async fn issuer_and_audience_are_required_when_configured() {
     })
     .await;
     let exp = now() + 600;
-    let good = sign(json!({"sub": "alice", "exp": exp, "iss": "https://auth.example", "aud": "trading"}));
+    let good =
+        sign(json!({"sub": "alice", "exp": exp, "iss": "https://auth.example", "aud": "trading"}));
     WsClient::connect(&relay, &good).await;
     for (claims, why) in [
-        (json!({"sub": "alice", "exp": exp, "iss": "https://evil.example", "aud": "trading"}), "wrong iss"),
-        (json!({"sub": "alice", "exp": exp, "aud": "trading"}), "missing iss"),
-        (json!({"sub": "alice", "exp": exp, "iss": "https://auth.example", "aud": "other"}), "wrong aud"),
-        (json!({"sub": "alice", "exp": exp, "iss": "https://auth.example"}), "missing aud"),
+        (
+            json!({"sub": "alice", "exp": exp, "iss": "https://evil.example", "aud": "trading"}),
+            "wrong iss",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "aud": "trading"}),
+            "missing iss",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "iss": "https://auth.example", "aud": "other"}),
+            "wrong aud",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "iss": "https://auth.example"}),
+            "missing aud",
+        ),
     ] {
         assert_refused(&relay, &sign(claims), why).await;
     }
@@ -192,24 +253,34 @@ async fn a_token_expiring_mid_connection_closes_with_4001_unless_refreshed() {
 
     let mut expiring = WsClient::connect(&relay, &short(2)).await;
     let mut refreshed = WsClient::connect(&relay, &short(2)).await;
-    let reply = refreshed.request(json!({"type": "auth", "token": short(600)})).await;
+    let reply = refreshed
+        .request(json!({"type": "auth", "token": short(600)}))
+        .await;
     assert_eq!(reply["type"], "authenticated", "{reply}");
     // Someone else's token is not a refresh.
-    let reply = refreshed.request(json!({"type": "auth", "token": token("bob")})).await;
+    let reply = refreshed
+        .request(json!({"type": "auth", "token": token("bob")}))
+        .await;
     assert_eq!(reply["code"], "unauthorized", "{reply}");
 
     let (code, reason) = expiring.expect_close().await;
     assert_eq!((code, reason.as_str()), (4001, "token expired"));
     // Past the first token's expiry (and leeway), the refreshed socket still answers.
-    let pong = refreshed.request(json!({"type": "ping", "ref": "after"})).await;
+    let pong = refreshed
+        .request(json!({"type": "ping", "ref": "after"}))
+        .await;
     assert_eq!(pong["type"], "pong");
 }
 
 #[tokio::test]
 async fn a_socket_that_does_not_authenticate_in_time_is_closed() {
-    let (_db, relay) = relay_with(|config| config.limits.auth_timeout = Duration::from_secs(1)).await;
+    let (_db, relay) =
+        relay_with(|config| config.limits.auth_timeout = Duration::from_secs(1)).await;
     let mut silent = WsClient::wrap(WsClient::open(&relay.ws_url()).await);
-    assert_eq!(silent.expect_close().await, (4001, "authentication timeout".into()));
+    assert_eq!(
+        silent.expect_close().await,
+        (4001, "authentication timeout".into())
+    );
     let mut eager = WsClient::wrap(WsClient::open(&relay.ws_url()).await);
     eager.send(json!({"type": "subscribe"})).await;
     assert_eq!(eager.expect_close().await.0, 4001);
@@ -222,6 +293,10 @@ async fn the_old_front_ends_query_token_still_works() {
     let mut socket = WsClient::wrap(WsClient::open(&url).await);
     let welcome = socket.expect_type("welcome").await;
     assert_eq!(welcome["user_id"], "alice");
-    assert!(welcome["connection_id"].as_str().is_some_and(|id| !id.is_empty()));
-    assert!(welcome["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(welcome["connection_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert!(welcome["expires_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
 }

@@ -16,7 +16,10 @@ use serde_json::{json, Value};
 /// sentinel it may see. Since the router relays in commit order and each socket's queue
 /// is FIFO, everything committed before the sentinels has reached the socket by then.
 /// Returns the events each socket received (sentinels included).
-async fn read_through_sentinels(trading: &Trading, sockets: &mut [(&str, &mut WsClient)]) -> Vec<Vec<Value>> {
+async fn read_through_sentinels(
+    trading: &Trading,
+    sockets: &mut [(&str, &mut WsClient)],
+) -> Vec<Vec<Value>> {
     let credentials: Vec<String> = trading
         .client
         .query("select id::text from credentials order by id", &[])
@@ -33,7 +36,11 @@ async fn read_through_sentinels(trading: &Trading, sockets: &mut [(&str, &mut Ws
     let mut received = Vec::new();
     for (user, socket) in sockets.iter_mut() {
         let visible = trading.visible_to(user).await;
-        let last = visible.iter().filter_map(|c| sentinel_of.get(c)).max().copied();
+        let last = visible
+            .iter()
+            .filter_map(|c| sentinel_of.get(c))
+            .max()
+            .copied();
         let Some(last) = last else {
             received.push(Vec::new());
             continue;
@@ -48,15 +55,26 @@ async fn read_through_sentinels(trading: &Trading, sockets: &mut [(&str, &mut Ws
 /// outbox event after `since` on those credentials, each exactly once.
 async fn assert_exactly_visible(trading: &Trading, user: &str, received: &[Value], since: i64) {
     let visible = trading.visible_to(user).await;
-    let up_to = received.iter().filter_map(|v| v["id"].as_i64()).max().unwrap_or(since);
+    let up_to = received
+        .iter()
+        .filter_map(|v| v["id"].as_i64())
+        .max()
+        .unwrap_or(since);
     let mut ids = Vec::new();
     for event in events(received) {
         let credential = event["credential_id"].as_str().unwrap();
-        assert!(visible.contains(credential), "{user} received a foreign event: {event}");
+        assert!(
+            visible.contains(credential),
+            "{user} received a foreign event: {event}"
+        );
         ids.push(event["id"].as_i64().unwrap());
     }
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), ids.len(), "{user} received duplicates: {ids:?}");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "{user} received duplicates: {ids:?}"
+    );
     let expected: BTreeSet<i64> = trading
         .events_between(since, up_to)
         .await
@@ -97,7 +115,9 @@ async fn each_user_receives_exactly_the_events_of_the_credentials_it_can_select(
     let relay = TestRelay::start(&db.url()).await;
 
     let mut alice = WsClient::connect(&relay, &common::tokens::token("alice")).await;
-    let mut alice_phone = WsClient::connect_bearer(&relay, &common::tokens::token("alice")).await.unwrap();
+    let mut alice_phone = WsClient::connect_bearer(&relay, &common::tokens::token("alice"))
+        .await
+        .unwrap();
     let mut bob = WsClient::connect(&relay, &common::tokens::token("bob")).await;
     let mut carol = WsClient::connect(&relay, &common::tokens::token("carol")).await;
     for socket in [&mut alice, &mut alice_phone, &mut bob, &mut carol] {
@@ -105,28 +125,50 @@ async fn each_user_receives_exactly_the_events_of_the_credentials_it_can_select(
     }
     let since = trading.last_event_id().await;
     for round in 0..5 {
-        for credential in [&world.alice_own, &world.bob_own, &world.carol_own, &world.shared] {
+        for credential in [
+            &world.alice_own,
+            &world.bob_own,
+            &world.carol_own,
+            &world.shared,
+        ] {
             trading.fill(credential, &format!("SYM{round}"), 10).await;
             trading.order(credential, "AAPL").await;
         }
     }
     let received = read_through_sentinels(
         &trading,
-        &mut [("alice", &mut alice), ("alice", &mut alice_phone), ("bob", &mut bob), ("carol", &mut carol)],
+        &mut [
+            ("alice", &mut alice),
+            ("alice", &mut alice_phone),
+            ("bob", &mut bob),
+            ("carol", &mut carol),
+        ],
     )
     .await;
     for (user, got) in ["alice", "alice", "bob", "carol"].iter().zip(&received) {
         assert_exactly_visible(&trading, user, got, since).await;
     }
     // The shapes the front end handles.
-    let position = received[0].iter().find(|v| v["type"] == "position_update").unwrap();
-    assert!(position["position"]["symbol"].is_string() && position["table"] == "positions" && position["schema"] == "public");
-    let balance = received[2].iter().find(|v| v["type"] == "balance_update" && v["op"] == "UPDATE").unwrap();
+    let position = received[0]
+        .iter()
+        .find(|v| v["type"] == "position_update")
+        .unwrap();
+    assert!(
+        position["position"]["symbol"].is_string()
+            && position["table"] == "positions"
+            && position["schema"] == "public"
+    );
+    let balance = received[2]
+        .iter()
+        .find(|v| v["type"] == "balance_update" && v["op"] == "UPDATE")
+        .unwrap();
     assert!(balance["balance"]["cash"].is_number() && balance["old"]["cash"].is_number());
     assert!(balance["timestamp"].as_str().unwrap().ends_with('Z'));
     // bob shares nothing with anyone: not one of his ids reached alice or carol.
     for got in [&received[0], &received[1], &received[3]] {
-        assert!(events(got).iter().all(|e| e["credential_id"] != world.bob_own.as_str()));
+        assert!(events(got)
+            .iter()
+            .all(|e| e["credential_id"] != world.bob_own.as_str()));
     }
 }
 
@@ -143,7 +185,10 @@ async fn routing_events_costs_no_visibility_query_in_steady_state() {
         sockets.push((user, socket));
     }
     let after_subscribing = relay.visibility_queries();
-    assert_eq!(after_subscribing, 3, "one query per distinct claims set, then the cache");
+    assert_eq!(
+        after_subscribing, 3,
+        "one query per distinct claims set, then the cache"
+    );
     for round in 0..50 {
         for credential in [&world.alice_own, &world.bob_own, &world.shared] {
             trading.order(credential, &format!("S{round}")).await;
@@ -153,9 +198,16 @@ async fn routing_events_costs_no_visibility_query_in_steady_state() {
     let received = read_through_sentinels(&trading, &mut refs).await;
     let delivered: usize = received.iter().map(|r| events(r).len()).sum();
     assert!(delivered > 300, "{delivered}");
-    assert_eq!(relay.visibility_queries(), after_subscribing, "no query per event");
+    assert_eq!(
+        relay.visibility_queries(),
+        after_subscribing,
+        "no query per event"
+    );
     let (_, metrics) = common::http::get(relay.port, "/metrics").await;
-    assert_eq!(common::http::metric(&metrics, "relay_visibility_cache_hits_total"), Some(2.0));
+    assert_eq!(
+        common::http::metric(&metrics, "relay_visibility_cache_hits_total"),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
@@ -179,17 +231,39 @@ async fn revocation_and_grant_take_effect_at_their_place_in_the_commit_stream() 
     trading.transfer(&world.shared, "carol").await; // alice loses it, carol gets it back as owner
     let after_transfer = trading.order(&world.shared, "AFTER-TRANSFER").await;
 
-    let received = read_through_sentinels(&trading, &mut [("alice", &mut alice), ("bob", &mut bob), ("carol", &mut carol)]).await;
+    let received = read_through_sentinels(
+        &trading,
+        &mut [
+            ("alice", &mut alice),
+            ("bob", &mut bob),
+            ("carol", &mut carol),
+        ],
+    )
+    .await;
     let shared_ids = |got: &Vec<Value>| -> Vec<i64> {
         events(got)
             .iter()
-            .filter(|e| e["credential_id"] == world.shared.as_str() && e["order"]["symbol"] != "SENTINEL")
+            .filter(|e| {
+                e["credential_id"] == world.shared.as_str() && e["order"]["symbol"] != "SENTINEL"
+            })
             .map(|e| e["id"].as_i64().unwrap())
             .collect()
     };
-    assert_eq!(shared_ids(&received[0]), vec![before, after_revoke, after_grant], "alice, until the transfer");
-    assert_eq!(shared_ids(&received[1]), vec![after_grant, after_transfer], "bob, from the grant");
-    assert_eq!(shared_ids(&received[2]), vec![before, after_transfer], "carol, except while revoked");
+    assert_eq!(
+        shared_ids(&received[0]),
+        vec![before, after_revoke, after_grant],
+        "alice, until the transfer"
+    );
+    assert_eq!(
+        shared_ids(&received[1]),
+        vec![after_grant, after_transfer],
+        "bob, from the grant"
+    );
+    assert_eq!(
+        shared_ids(&received[2]),
+        vec![before, after_transfer],
+        "carol, except while revoked"
+    );
 }
 
 #[tokio::test]
@@ -216,7 +290,8 @@ async fn a_moved_row_is_a_removal_for_old_viewers_and_an_arrival_for_new_ones() 
         .execute("delete from positions where symbol = 'MOVE'", &[])
         .await
         .unwrap();
-    let received = read_through_sentinels(&trading, &mut [("alice", &mut alice), ("bob", &mut bob)]).await;
+    let received =
+        read_through_sentinels(&trading, &mut [("alice", &mut alice), ("bob", &mut bob)]).await;
     let moves = |got: &Vec<Value>| -> Vec<(String, String, i64)> {
         events(got)
             .iter()
@@ -232,13 +307,21 @@ async fn a_moved_row_is_a_removal_for_old_viewers_and_an_arrival_for_new_ones() 
     };
     assert_eq!(
         moves(&received[0]),
-        vec![("INSERT".into(), world.alice_own.clone(), 7), ("DELETE".into(), world.alice_own.clone(), 7)]
+        vec![
+            ("INSERT".into(), world.alice_own.clone(), 7),
+            ("DELETE".into(), world.alice_own.clone(), 7)
+        ]
     );
     assert_eq!(
         moves(&received[1]),
-        vec![("INSERT".into(), world.bob_own.clone(), 7), ("DELETE".into(), world.bob_own.clone(), 7)]
+        vec![
+            ("INSERT".into(), world.bob_own.clone(), 7),
+            ("DELETE".into(), world.bob_own.clone(), 7)
+        ]
     );
-    assert!(events(&received[0]).iter().all(|e| e.get("old").is_none() || e["op"] == "UPDATE"));
+    assert!(events(&received[0])
+        .iter()
+        .all(|e| e.get("old").is_none() || e["op"] == "UPDATE"));
 }
 
 #[tokio::test]
@@ -251,12 +334,19 @@ async fn a_large_row_is_delivered_whole() {
     let mut bob = WsClient::connect(&relay, &common::tokens::token("bob")).await;
     alice.subscribe_all().await;
     bob.subscribe_all().await;
-    let big: String = (0..700).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let big: String = (0..700)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
     trading.order(&world.alice_own, &big).await;
-    let received = read_through_sentinels(&trading, &mut [("alice", &mut alice), ("bob", &mut bob)]).await;
-    let order = events(&received[0]).into_iter().find(|e| e["order"]["symbol"].as_str().map(str::len) == Some(big.len()));
+    let received =
+        read_through_sentinels(&trading, &mut [("alice", &mut alice), ("bob", &mut bob)]).await;
+    let order = events(&received[0])
+        .into_iter()
+        .find(|e| e["order"]["symbol"].as_str().map(str::len) == Some(big.len()));
     assert_eq!(order.unwrap()["order"]["symbol"].as_str().unwrap(), big);
-    assert!(events(&received[1]).iter().all(|e| e["credential_id"] == world.bob_own.as_str()));
+    assert!(events(&received[1])
+        .iter()
+        .all(|e| e["credential_id"] == world.bob_own.as_str()));
 }
 
 #[tokio::test]
@@ -268,7 +358,10 @@ async fn subscriptions_filter_by_table_and_credential_and_refuse_what_is_not_vis
     let mut alice = WsClient::connect(&relay, &common::tokens::token("alice")).await;
 
     // Naming a credential alice cannot see is refused whole, whether or not it exists.
-    for credential in [world.bob_own.clone(), "00000000-0000-0000-0000-000000000000".into()] {
+    for credential in [
+        world.bob_own.clone(),
+        "00000000-0000-0000-0000-000000000000".into(),
+    ] {
         let reply = alice
             .request(json!({"type": "subscribe", "ref": "x", "credential_ids": [world.alice_own, credential]}))
             .await;
@@ -277,7 +370,9 @@ async fn subscriptions_filter_by_table_and_credential_and_refuse_what_is_not_vis
         assert_eq!(reply["ref"], "x");
     }
     alice
-        .subscribe(json!({"ref": "orders-shared", "tables": ["orders"], "credential_ids": [world.shared]}))
+        .subscribe(
+            json!({"ref": "orders-shared", "tables": ["orders"], "credential_ids": [world.shared]}),
+        )
         .await;
     alice
         .subscribe(json!({"ref": "all-positions", "tables": ["public.positions"]}))
@@ -290,7 +385,12 @@ async fn subscriptions_filter_by_table_and_credential_and_refuse_what_is_not_vis
     let got = alice.events_until(|v| v["id"] == last_position).await;
     let seen: Vec<(String, String)> = events(&got)
         .iter()
-        .map(|e| (e["type"].as_str().unwrap().to_owned(), e["credential_id"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["credential_id"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         seen,
@@ -302,7 +402,9 @@ async fn subscriptions_filter_by_table_and_credential_and_refuse_what_is_not_vis
     );
 
     // Unsubscribing one ref leaves the other.
-    let reply = alice.request(json!({"type": "unsubscribe", "ref": "all-positions"})).await;
+    let reply = alice
+        .request(json!({"type": "unsubscribe", "ref": "all-positions"}))
+        .await;
     assert_eq!(reply["type"], "unsubscribed");
     trading.fill(&world.alice_own, "P3", 1).await;
     let last = trading.order(&world.shared, "O3").await;
@@ -314,7 +416,10 @@ async fn subscriptions_filter_by_table_and_credential_and_refuse_what_is_not_vis
 async fn a_second_schema_works_with_configuration_alone() {
     let db = TestDb::relay_only().await;
     let client = db.client().await;
-    client.batch_execute(include_str!("fixtures/desk.sql")).await.unwrap();
+    client
+        .batch_execute(include_str!("fixtures/desk.sql"))
+        .await
+        .unwrap();
     client
         .batch_execute(
             "insert into desk.teams values (1, 'rates'), (2, 'fx'), (3, 'solo');
@@ -330,7 +435,9 @@ async fn a_second_schema_works_with_configuration_alone() {
     config.jwt.user_claim = "email".into();
     let relay = TestRelay::start_with(config).await;
     let token = |email: &str| {
-        common::tokens::sign(json!({"sub": format!("id-{email}"), "email": email, "exp": common::tokens::now() + 600}))
+        common::tokens::sign(
+            json!({"sub": format!("id-{email}"), "email": email, "exp": common::tokens::now() + 600}),
+        )
     };
     let mut ann = WsClient::connect(&relay, &token("ann@desk.example")).await;
     let mut ben = WsClient::connect(&relay, &token("ben@desk.example")).await;
@@ -355,13 +462,32 @@ async fn a_second_schema_works_with_configuration_alone() {
     client.batch_execute(&fill(202, "LAST")).await.unwrap();
 
     let symbols = |got: Vec<Value>| -> Vec<String> {
-        events(&got).iter().map(|e| e["fill"]["symbol"].as_str().unwrap().to_owned()).collect()
+        events(&got)
+            .iter()
+            .map(|e| e["fill"]["symbol"].as_str().unwrap().to_owned())
+            .collect()
     };
     let is_last = |v: &Value| v["fill"]["symbol"] == "LAST";
-    assert_eq!(symbols(ann.events_until(is_last).await), vec!["A", "B", "D", "LAST"]);
-    assert_eq!(symbols(ben.events_until(is_last).await), vec!["B", "D", "LAST"]);
+    assert_eq!(
+        symbols(ann.events_until(is_last).await),
+        vec!["A", "B", "D", "LAST"]
+    );
+    assert_eq!(
+        symbols(ben.events_until(is_last).await),
+        vec!["B", "D", "LAST"]
+    );
     assert_eq!(symbols(cy.events_until(is_last).await), vec!["C", "LAST"]);
     // What each would get over REST, asked the same way.
-    let ann_sees = visible(&client, "desk_api", "app.claims", &json!({"email": "ann@desk.example"}), "select account_no::text from desk.accounts").await;
-    assert_eq!(ann_sees, ["101", "202"].iter().map(|s| s.to_string()).collect());
+    let ann_sees = visible(
+        &client,
+        "desk_api",
+        "app.claims",
+        &json!({"email": "ann@desk.example"}),
+        "select account_no::text from desk.accounts",
+    )
+    .await;
+    assert_eq!(
+        ann_sees,
+        ["101", "202"].iter().map(|s| s.to_string()).collect()
+    );
 }

@@ -48,9 +48,21 @@ async fn metrics_count_what_flows() {
     assert_eq!(status, 200);
     assert_eq!(metric(&text, "relay_connections"), Some(1.0));
     assert_eq!(metric(&text, "relay_subscriptions"), Some(1.0));
-    assert!(metric(&text, "relay_events_in_total").unwrap() >= 5.0, "{text}");
-    assert!(metric(&text, "relay_deliveries_total").unwrap() >= 5.0, "{text}");
-    assert_eq!(metric(&text, "relay_authentications_total{result=\"ok\"}"), Some(1.0));
+    assert!(
+        metric(&text, "relay_events_in_total").unwrap() >= 5.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "relay_deliveries_total").unwrap() >= 5.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "relay_authentications_total{result=\"ok\"}"),
+        Some(1.0)
+    );
     assert_eq!(metric(&text, "relay_listener_connected"), Some(1.0));
-    assert!(metric(&text, "relay_delivery_latency_seconds_count").unwrap() >= 5.0, "{text}");
+    assert!(
+        metric(&text, "relay_delivery_latency_seconds_count").unwrap() >= 5.0,
+        "{text}"
+    );
 }

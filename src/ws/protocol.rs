@@ -29,8 +29,12 @@ pub enum ClientMessage {
         reference: Option<Reference>,
     },
     Subscribe(SubscribeRequest),
-    Unsubscribe { reference: Option<Reference> },
-    Ping { reference: Option<Reference> },
+    Unsubscribe {
+        reference: Option<Reference>,
+    },
+    Ping {
+        reference: Option<Reference>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -369,7 +369,9 @@ impl Session {
             Ok(ClientMessage::Auth { token, reference }) => match self.refresh(&token).await {
                 Ok(()) => {
                     expiry.as_mut().reset(
-                        TokioInstant::now() + self.identity.remaining() + self.state.verifier.leeway(),
+                        TokioInstant::now()
+                            + self.identity.remaining()
+                            + self.state.verifier.leeway(),
                     );
                     ServerMessage::Authenticated {
                         expires_at: expires_at(self.identity.expires_at),

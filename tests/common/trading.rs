@@ -18,7 +18,10 @@ impl Trading {
 
     pub async fn user(&self, id: &str) {
         self.client
-            .execute("insert into users (id, display_name) values ($1, $1)", &[&id])
+            .execute(
+                "insert into users (id, display_name) values ($1, $1)",
+                &[&id],
+            )
             .await
             .expect("insert user");
     }
@@ -109,7 +112,14 @@ impl Trading {
 
     /// Credentials `user` can SELECT through RLS right now, asked as the REST role.
     pub async fn visible_to(&self, user: &str) -> BTreeSet<String> {
-        visible(&self.client, "app_user", "request.jwt.claims", &json!({"sub": user}), "select id::text from public.credentials").await
+        visible(
+            &self.client,
+            "app_user",
+            "request.jwt.claims",
+            &json!({"sub": user}),
+            "select id::text from public.credentials",
+        )
+        .await
     }
 
     /// Outbox events with id in `(after, up_to]` as (id, credential).
@@ -128,14 +138,23 @@ impl Trading {
 }
 
 /// Credentials visible to `claims` under `role`, asked exactly as a REST API would.
-pub async fn visible(client: &Client, role: &str, setting: &str, claims: &Value, sql: &str) -> BTreeSet<String> {
+pub async fn visible(
+    client: &Client,
+    role: &str,
+    setting: &str,
+    claims: &Value,
+    sql: &str,
+) -> BTreeSet<String> {
     client.batch_execute("begin").await.expect("begin");
     client
         .batch_execute(&format!("set local role {role}"))
         .await
         .expect("set role");
     client
-        .query_one("select set_config($1, $2, true)", &[&setting, &claims.to_string()])
+        .query_one(
+            "select set_config($1, $2, true)",
+            &[&setting, &claims.to_string()],
+        )
         .await
         .expect("claims");
     let rows = client.query(sql, &[]).await.expect("visibility");
