@@ -21,6 +21,10 @@ create table relay.outbox (
     id            bigint generated always as identity primary key,
     -- The writing transaction (top level); the relay's read cursor is a snapshot.
     xid           xid8        not null default pg_current_xact_id(),
+    -- Every transaction below this had finished when the row was written. A transaction
+    -- that took a lower id and commits after this one has an xid at or above it: the
+    -- boundary a resume from this id must look back to.
+    written_xmin  xid8        not null default pg_snapshot_xmin(pg_current_snapshot()),
     -- When the row was written: the commit timestamp is used instead when the server
     -- runs with track_commit_timestamp = on.
     written_at    timestamptz not null default clock_timestamp(),

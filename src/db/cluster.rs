@@ -105,13 +105,23 @@ impl LocalCluster {
 
     /// `pg_ctl restart -m fast`: every connection is cut, the data stays.
     pub fn restart(&self) -> Result<(), ClusterError> {
+        // With a log file: a server writing to pg_ctl's stdout would keep our pipe open.
         run(
             self.pg_command("pg_ctl")
                 .args(["-w", "-m", "fast", "-D"])
                 .arg(&self.data_dir)
+                .arg("-l")
+                .arg(self.log_file())
                 .arg("restart"),
             "pg_ctl restart",
         )
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.data_dir
+            .parent()
+            .unwrap_or(&self.data_dir)
+            .join("server.log")
     }
 
     /// `pg_ctl stop -m fast`.
@@ -142,7 +152,7 @@ impl LocalCluster {
             server_options
                 .push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
         }
-        let log = socket_dir.join("server.log");
+        let log = self.log_file();
         run(
             self.pg_command("pg_ctl")
                 .args(["-w", "-t", "30", "-D"])
@@ -189,7 +199,16 @@ impl LocalCluster {
             pid = std::process::id(),
             base = base.display(),
         );
-        let spawned = Command::new("sh")
+        // In a session of its own (setsid), so that killing the owner's process group, as
+        // a test runner or CI does on a timeout, does not kill the watchdog with it.
+        let mut command = if Path::new("/usr/bin/setsid").exists() {
+            let mut c = Command::new("/usr/bin/setsid");
+            c.arg("sh");
+            c
+        } else {
+            Command::new("sh")
+        };
+        let spawned = command
             .args(["-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

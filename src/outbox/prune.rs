@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// Advisory lock key: "rls-relay prune" (any constant unlikely to collide).
-const PRUNE_LOCK: i64 = 0x726c_7372_7072_756e;
+pub const PRUNE_LOCK: i64 = 0x726c_7372_7072_756e;
 const BATCH: i64 = 5_000;
 
 /// Prunes every `interval` until shutdown.

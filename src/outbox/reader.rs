@@ -52,12 +52,17 @@ pub fn events_sql(timestamps: TimestampSource) -> String {
     )
 }
 
+/// A replay page: events after `$1` that come after the client's cursor `$2` — by id, or,
+/// for transactions that took a lower id but may have committed after the cursor's
+/// event, by `xid >= $3` (the cursor event's `written_xmin`) — on the credentials `$4`,
+/// committed in the router's position `$5`/`$6`.
 pub fn replay_sql(timestamps: TimestampSource) -> String {
     format!(
         "select {EVENT_COLUMNS}, {} from relay.outbox
-         where kind = 'event' and id > $1 and credential_id = any($2)
-           and xid < $3::text::xid8 and pg_visible_in_snapshot(xid, $4::text::pg_snapshot)
-         order by id limit $5",
+         where kind = 'event' and id > $1 and id <> $2 and (id > $2 or xid >= $3::text::xid8)
+           and credential_id = any($4)
+           and xid < $5::text::xid8 and pg_visible_in_snapshot(xid, $6::text::pg_snapshot)
+         order by id limit $7",
         timestamps.expression()
     )
 }

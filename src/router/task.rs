@@ -476,6 +476,9 @@ impl Task {
         self.already_routed.extend(self.routed_this_read.drain(..));
         self.status.set_ready(false);
         connection.mark_broken();
+        // The listener replaces the connection and the change triggers a read; until
+        // then, do not spin on the broken one.
+        self.next = Next::ReadAt(Instant::now() + Duration::from_millis(250));
     }
 
     /// Reads one batch and routes it; returns how many transactions it held.

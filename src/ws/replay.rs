@@ -7,10 +7,10 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::db::snapshot::Snapshot;
-use crate::domain::{CredentialId, EventId, TableFilter};
+use crate::domain::{CredentialId, TableFilter};
 use crate::metrics::Metrics;
 use crate::outbox::event::TableNames;
-use crate::outbox::replay::Replayer;
+use crate::outbox::replay::{ReplayStart, Replayer};
 use crate::router::queue::Outgoing;
 
 pub enum ReplayItem {
@@ -20,7 +20,7 @@ pub enum ReplayItem {
 }
 
 pub struct ReplayRequest {
-    pub since: EventId,
+    pub start: ReplayStart,
     pub position: Arc<Snapshot>,
     pub credentials: Vec<CredentialId>,
     pub tables: Option<Vec<TableFilter>>,
@@ -39,10 +39,16 @@ pub fn spawn(
             .map(CredentialId::as_str)
             .collect();
         let mut tables = TableNames::default();
-        let mut cursor = request.since;
+        let mut cursor = request.start.first_after;
         loop {
             let page = match replayer
-                .page(cursor, &credentials, &request.position, &mut tables)
+                .page(
+                    &request.start,
+                    cursor,
+                    &credentials,
+                    &request.position,
+                    &mut tables,
+                )
                 .await
             {
                 Ok(page) => page,

@@ -292,22 +292,22 @@ impl Session {
                     }
                 }
                 item = recv_replay(&mut self.replay), if self.replay.is_some() => match item {
-                    Some(ReplayItem::Event(outgoing)) => {
-                        if !self.send_events(socket, outgoing, false).await {
-                            return None;
-                        }
-                    }
+                    Some(ReplayItem::Event(outgoing)) => match self.send_events(socket, outgoing, false).await {
+                        Sent::Done => {}
+                        Sent::Gone => return None,
+                        Sent::Closing(reason) => return Some(reason),
+                    },
                     Some(ReplayItem::Failed) => return Some(CloseReason::Internal),
                     None => {
                         self.replay = self.replays_waiting.pop_front().map(|request| self.start_replay(request));
                     }
                 },
                 outgoing = self.queue.recv(), if self.replay.is_none() => match outgoing {
-                    Some(outgoing) => {
-                        if !self.send_events(socket, outgoing, true).await {
-                            return None;
-                        }
-                    }
+                    Some(outgoing) => match self.send_events(socket, outgoing, true).await {
+                        Sent::Done => {}
+                        Sent::Gone => return None,
+                        Sent::Closing(reason) => return Some(reason),
+                    },
                     // The router is gone: only at shutdown, normally.
                     None if shutdown.is_cancelled() => return Some(CloseReason::ShuttingDown),
                     None => return Some(CloseReason::Internal),
@@ -317,36 +317,50 @@ impl Session {
     }
 
     /// Sends an event, then whatever else is already queued (up to a batch), with one
-    /// flush. Returns `false` when the socket is gone.
-    async fn send_events<S>(&mut self, socket: &mut S, first: Outgoing, drain_queue: bool) -> bool
+    /// flush. A write that blocks (the client stopped reading) gives way to a close
+    /// request or shutdown, and gives up after one ping interval: the socket is then a
+    /// slow consumer.
+    async fn send_events<S>(&mut self, socket: &mut S, first: Outgoing, drain_queue: bool) -> Sent
     where
         S: Sink<Message, Error = axum::Error> + Unpin,
     {
+        let control = self.control.clone();
+        let shutdown = self.state.shutdown.clone();
+        let deadline = self.state.limits.ping_interval;
+        let queue = &mut self.queue;
         let mut sent = vec![first.committed_at_micros];
-        if socket.feed(Message::Text(first.frame)).await.is_err() {
-            return false;
-        }
-        if drain_queue {
-            while sent.len() < WRITE_BATCH {
-                let Some(Some(next)) = futures_util::FutureExt::now_or_never(self.queue.recv())
-                else {
-                    break;
-                };
-                sent.push(next.committed_at_micros);
-                if socket.feed(Message::Text(next.frame)).await.is_err() {
-                    return false;
+        let write = async {
+            socket.feed(Message::Text(first.frame)).await?;
+            if drain_queue {
+                while sent.len() < WRITE_BATCH {
+                    let Some(Some(next)) = futures_util::FutureExt::now_or_never(queue.recv())
+                    else {
+                        break;
+                    };
+                    sent.push(next.committed_at_micros);
+                    socket.feed(Message::Text(next.frame)).await?;
                 }
             }
+            socket.flush().await
+        };
+        let outcome = tokio::select! {
+            biased;
+            reason = control.closed() => Sent::Closing(reason),
+            () = shutdown.cancelled() => Sent::Closing(CloseReason::ShuttingDown),
+            written = tokio::time::timeout(deadline, write) => match written {
+                Ok(Ok(())) => Sent::Done,
+                Ok(Err(_)) => Sent::Gone,
+                Err(_) => Sent::Closing(CloseReason::SlowConsumer),
+            },
+        };
+        if outcome == Sent::Done {
+            let now = now_micros();
+            for committed_at in sent {
+                let latency = Duration::from_micros(u64::try_from(now - committed_at).unwrap_or(0));
+                self.state.metrics.delivery_latency_seconds.observe(latency);
+            }
         }
-        if socket.flush().await.is_err() {
-            return false;
-        }
-        let now = now_micros();
-        for committed_at in sent {
-            let latency = Duration::from_micros(u64::try_from(now - committed_at).unwrap_or(0));
-            self.state.metrics.delivery_latency_seconds.observe(latency);
-        }
-        true
+        outcome
     }
 
     async fn on_text<S>(
@@ -422,9 +436,10 @@ impl Session {
 
     async fn subscribe(&mut self, request: SubscribeRequest) -> Result<String, CloseReason> {
         let reference = request.reference.clone();
+        let mut replay_start = None;
         if let Some(since) = request.since {
             match self.state.replayer.check(since).await {
-                Ok(Cursor::Retained) => {}
+                Ok(Cursor::Retained(start)) => replay_start = Some(start),
                 Ok(Cursor::Gap { pruned_through }) => {
                     let message = format!(
                         "events after {since} are no longer retained (pruned through {pruned_through}): refetch, then subscribe without since"
@@ -489,13 +504,13 @@ impl Session {
                 return Ok(error_json(code, &message, reference.as_ref()));
             }
         };
-        if let Some(since) = request.since {
+        if let Some(start) = replay_start {
             let credentials = match &request.credentials {
                 Some(wanted) => wanted.iter().cloned().collect(),
                 None => subscribed.visible.iter().cloned().collect(),
             };
             let replay = ReplayRequest {
-                since,
+                start,
                 position: subscribed.position,
                 credentials,
                 tables: request.tables,
@@ -519,6 +534,16 @@ impl Session {
             self.state.metrics.clone(),
         )
     }
+}
+
+/// How a write ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Done,
+    /// The client is gone.
+    Gone,
+    /// The socket must close (the write may be incomplete).
+    Closing(CloseReason),
 }
 
 async fn recv_replay(replay: &mut Option<mpsc::Receiver<ReplayItem>>) -> Option<ReplayItem> {

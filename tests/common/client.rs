@@ -39,7 +39,12 @@ pub enum Read {
 impl WsClient {
     /// Connects and authenticates with a first `auth` message (the browser way).
     pub async fn connect(relay: &TestRelay, token: &str) -> Self {
-        let ws = Self::open(&relay.ws_url()).await;
+        Self::connect_to(&relay.ws_url(), token).await
+    }
+
+    /// The same, to any relay's `ws://…/ws` URL.
+    pub async fn connect_to(url: &str, token: &str) -> Self {
+        let ws = Self::open(url).await;
         let mut client = Self::wrap(ws);
         client.send(json!({"type": "auth", "token": token})).await;
         client.welcome = client.expect_type("welcome").await;

@@ -11,8 +11,12 @@ pub mod tokens;
 
 #[allow(unused_imports)]
 pub use client::WsClient;
+#[allow(unused_imports)]
 pub use db::TestDb;
 #[allow(unused_imports)]
 pub use relay::TestRelay;
 pub mod http;
+pub mod isolation;
+pub mod process;
 pub mod trading;
+pub mod writers;
