@@ -117,6 +117,18 @@ pub struct ServeConfig {
     /// How long graceful shutdown waits for sockets to close.
     #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Deliberate faults for tests that prove they can catch a leak. Not reachable from
+    /// the command line or the environment.
+    #[arg(skip)]
+    pub faults: FaultInjection,
+}
+
+/// Deliberate faults, settable only by code that builds a [`ServeConfig`] (tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultInjection {
+    /// Ignore visibility announcements: cached answers are never invalidated.
+    pub ignore_visibility_announcements: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

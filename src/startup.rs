@@ -118,6 +118,7 @@ impl Application {
                 wakeup: config.wakeup,
                 max_subscriptions: config.limits.max_subscriptions,
                 metrics: metrics.clone(),
+                faults: config.faults,
             },
             shutdown.clone(),
         );
@@ -128,6 +129,11 @@ impl Application {
             metrics.clone(),
             shutdown.clone(),
         ));
+        if config.faults.ignore_visibility_announcements {
+            tracing::error!(
+                "FAULT INJECTION: visibility announcements are ignored; this relay leaks"
+            );
+        }
         if config.wakeup == WakeupMode::Notify {
             tracing::info!("wake-up mode: notify (every writing transaction NOTIFYs)");
         }

@@ -173,3 +173,69 @@ pub fn unix_now() -> u64 {
 
 /// Shared by the HTTP layer.
 pub type SharedVerifier = Arc<Verifier>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{JwtConfig, Secret};
+    use proptest::prelude::*;
+
+    fn verifier() -> Verifier {
+        Verifier::from_config(&JwtConfig {
+            jwt_secret: Some(Secret::new("a-test-secret-of-at-least-32-bytes!!")),
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_algorithm: None,
+            jwt_issuer: None,
+            jwt_audience: Vec::new(),
+            jwt_leeway: Duration::from_secs(5),
+            user_claim: "sub".into(),
+        })
+        .expect("valid key")
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+                << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+        /// Any token text is refused with a defined error (none of these is signed).
+        #[test]
+        fn arbitrary_tokens_are_refused_without_panicking(token in any::<String>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            prop_assert!(runtime.block_on(verifier().verify(&token)).is_err());
+        }
+
+        /// Well-formed three-part tokens with arbitrary header and claims bytes, huge
+        /// numbers included, are refused with a defined error.
+        #[test]
+        fn structured_garbage_is_refused_without_panicking(
+            header in prop::collection::vec(any::<u8>(), 0..128),
+            claims in prop::collection::vec(any::<u8>(), 0..256),
+            exp in prop_oneof![Just("1e999".to_owned()), Just("-1".to_owned()), Just("18446744073709551616".to_owned()), Just("\"x\"".to_owned())],
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let garbage = format!("{}.{}.{}", b64(&header), b64(&claims), b64(b"sig"));
+            prop_assert!(runtime.block_on(verifier().verify(&garbage)).is_err());
+            let with_exp = format!(
+                "{}.{}.{}",
+                b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+                b64(format!(r#"{{"sub":"a","exp":{exp}}}"#).as_bytes()),
+                b64(b"sig")
+            );
+            prop_assert!(runtime.block_on(verifier().verify(&with_exp)).is_err());
+        }
+    }
+}

@@ -150,4 +150,30 @@ mod tests {
             .expect("valid")
             .has_passed(&earlier));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_text_parses_or_errs(text in "[0-9:,]{0,40}") {
+                if let Ok(snapshot) = Snapshot::parse(&text) {
+                    prop_assert_eq!(Snapshot::parse(&snapshot.to_string()), Ok(snapshot));
+                }
+            }
+
+            #[test]
+            fn visibility_matches_its_definition(xmin in 0u64..1000, span in 0u64..100, running in prop::collection::vec(0u64..100, 0..10), probe in 0u64..1200) {
+                let xmax = xmin + span;
+                let mut running: Vec<u64> = running.into_iter().map(|x| xmin + x).filter(|x| *x < xmax).collect();
+                running.sort_unstable();
+                running.dedup();
+                let list: Vec<String> = running.iter().map(u64::to_string).collect();
+                let snapshot = Snapshot::parse(&format!("{xmin}:{xmax}:{}", list.join(","))).unwrap();
+                let expected = probe < xmin || (probe < xmax && !running.contains(&probe));
+                prop_assert_eq!(snapshot.is_visible(probe), expected);
+            }
+        }
+    }
 }

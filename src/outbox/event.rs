@@ -316,4 +316,38 @@ mod tests {
         event.xid = 50; // the announcing transaction itself
         assert!(!announcement.saw_commit_of(&event));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            /// Whatever a row holds, decoding yields an event whose frame is valid JSON, or a
+            /// decode error: never a panic.
+            #[test]
+            fn any_outbox_row_decodes_or_errs(
+                id in any::<i64>(),
+                xid in "[0-9a-z]{0,24}",
+                op in "[A-Z]{0,8}",
+                event_type in any::<String>(),
+                row_key in any::<String>(),
+                credential in any::<String>(),
+                new_row in proptest::option::of(any::<String>()),
+                old_row in proptest::option::of(any::<String>()),
+                micros in any::<i64>(),
+            ) {
+                let row = EventRow {
+                    id, xid: &xid, table_schema: "s", table_name: "t", event_type: &event_type,
+                    row_key: &row_key, op: &op, credential_id: &credential,
+                    new_row: new_row.as_deref(), old_row: old_row.as_deref(), committed_at_micros: micros,
+                };
+                if let Ok(event) = Event::decode(&row, &mut TableNames::default()) {
+                    let parsed: Result<serde_json::Value, _> = serde_json::from_str(&event.frame);
+                    prop_assert!(parsed.is_ok());
+                }
+            }
+        }
+    }
 }

@@ -16,7 +16,7 @@ use super::commit_order::{AnnouncementPlan, Phase};
 use super::table::{RoutingTable, SessionId, Subscription};
 use super::{NewSubscription, RelayStatus, Request, Router, SubscribeError, Subscribed};
 use crate::auth::Claims;
-use crate::config::WakeupMode;
+use crate::config::{FaultInjection, WakeupMode};
 use crate::db::snapshot::Snapshot;
 use crate::domain::EventId;
 use crate::metrics::Metrics;
@@ -40,6 +40,7 @@ pub struct RouterSettings {
     pub wakeup: WakeupMode,
     pub max_subscriptions: usize,
     pub metrics: Arc<Metrics>,
+    pub faults: FaultInjection,
 }
 
 pub fn spawn(settings: RouterSettings, shutdown: CancellationToken) -> (Router, JoinHandle<()>) {
@@ -70,6 +71,7 @@ pub fn spawn(settings: RouterSettings, shutdown: CancellationToken) -> (Router, 
         status: status.clone(),
         metrics: settings.metrics,
         starts_pending: false,
+        faults: settings.faults,
     };
     let handle = tokio::spawn(task.run(shutdown));
     let router = Router {
@@ -127,6 +129,7 @@ struct Task {
     metrics: Arc<Metrics>,
     /// Whether some subscription still has a `starts_after` marker to expire.
     starts_pending: bool,
+    faults: FaultInjection,
 }
 
 impl Task {
@@ -497,10 +500,13 @@ impl Task {
             self.position = Some(Arc::new(snapshot));
             return Ok(0);
         };
-        let announcements = connection
+        let mut announcements = connection
             .reader
             .announcements(&transaction, &previous)
             .await?;
+        if self.faults.ignore_visibility_announcements {
+            announcements.clear();
+        }
         let mut batch = BatchStats::default();
         if announcements.is_empty() {
             self.route_pass(

@@ -345,4 +345,64 @@ mod tests {
         );
         assert_eq!(expires_at(0), "1970-01-01T00:00:00Z");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON-ish text: fragments that exercise the parser (deep nesting, huge numbers,
+        /// escapes), glued at random.
+        fn jsonish() -> impl Strategy<Value = String> {
+            let fragment = prop_oneof![
+                Just("{".to_owned()),
+                Just("}".to_owned()),
+                Just("[".to_owned()),
+                Just("]".to_owned()),
+                Just(",".to_owned()),
+                Just(":".to_owned()),
+                Just("\"type\"".to_owned()),
+                Just("\"subscribe\"".to_owned()),
+                Just("\"since\"".to_owned()),
+                Just("\"credential_ids\"".to_owned()),
+                Just("\"tables\"".to_owned()),
+                Just("\"ref\"".to_owned()),
+                Just("1e999999".to_owned()),
+                Just("-0".to_owned()),
+                Just("99999999999999999999999999999".to_owned()),
+                Just("\"\\ud800\"".to_owned()),
+                Just("null".to_owned()),
+                "[ -~]{0,8}".prop_map(|s| s),
+            ];
+            prop::collection::vec(fragment, 0..64).prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn any_text_yields_a_message_or_a_described_error(text in any::<String>()) {
+                if let Err(error) = ClientMessage::parse(&text) {
+                    prop_assert!(!error.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn json_like_text_yields_a_message_or_a_described_error(text in jsonish()) {
+                if let Err(error) = ClientMessage::parse(&text) {
+                    prop_assert!(!error.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_as_lossy_text_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = ClientMessage::parse(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn deep_nesting_of_any_depth_is_refused_cleanly(depth in 1usize..100_000) {
+                let text = format!("{{\"type\":\"subscribe\",\"tables\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+                prop_assert!(ClientMessage::parse(&text).is_err());
+            }
+        }
+    }
 }

@@ -205,6 +205,30 @@ impl WsClient {
         }
     }
 
+    /// Like `events_until`, but gives up after `patience` and returns what it got as an
+    /// error (for tests that must report a missing event rather than panic on it).
+    pub async fn try_events_until(
+        &mut self,
+        patience: Duration,
+        mut last: impl FnMut(&Value) -> bool,
+    ) -> Result<Vec<Value>, Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut events = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read(left).await {
+                Read::Message(value) => {
+                    let done = last(&value);
+                    events.push(value);
+                    if done {
+                        return Ok(events);
+                    }
+                }
+                _ => return Err(events),
+            }
+        }
+    }
+
     /// Reads what arrives within `window` (used only after a sentinel has shown that
     /// everything before it was delivered).
     pub async fn drain(&mut self, window: Duration) -> Vec<Value> {

@@ -58,6 +58,7 @@ pub fn config(database_url: &str) -> ServeConfig {
         retention: Duration::from_secs(3600),
         pool_size: 4,
         shutdown_timeout: Duration::from_secs(5),
+        faults: Default::default(),
     }
 }
 
