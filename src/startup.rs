@@ -19,6 +19,7 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::outbox::reader::TimestampSource;
 use crate::outbox::replay::Replayer;
+use crate::outbox::tracked::TrackedTables;
 use crate::outbox::{listener, prune};
 use crate::router::{self, Router, RouterSettings};
 use crate::visibility::VisibilityQuery;
@@ -151,7 +152,8 @@ impl Application {
         let state = Arc::new(AppState {
             verifier,
             router,
-            replayer: Arc::new(Replayer::new(pool, timestamps)),
+            replayer: Arc::new(Replayer::new(pool.clone(), timestamps)),
+            tracked: Arc::new(TrackedTables::new(pool)),
             metrics,
             limits: config.limits.clone(),
             origins: OriginPolicy::from_config(&config.allowed_origins),

@@ -13,6 +13,7 @@ use crate::auth::Verifier;
 use crate::config::LimitsConfig;
 use crate::metrics::Metrics;
 use crate::outbox::replay::Replayer;
+use crate::outbox::tracked::TrackedTables;
 use crate::router::Router;
 use crate::ws;
 use crate::ws::limits::{ConnectionCounter, OriginPolicy};
@@ -22,6 +23,7 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub router: Router,
     pub replayer: Arc<Replayer>,
+    pub tracked: Arc<TrackedTables>,
     pub metrics: Arc<Metrics>,
     pub limits: LimitsConfig,
     pub origins: OriginPolicy,

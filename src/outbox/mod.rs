@@ -6,4 +6,5 @@ pub mod listener;
 pub mod prune;
 pub mod reader;
 pub mod replay;
+pub mod tracked;
 pub mod wakeup;

@@ -436,6 +436,22 @@ impl Session {
 
     async fn subscribe(&mut self, request: SubscribeRequest) -> Result<String, CloseReason> {
         let reference = request.reference.clone();
+        if let Some(tables) = &request.tables {
+            let (unknown, tracked) = self.state.tracked.unknown(tables).await;
+            if !unknown.is_empty() {
+                let unknown: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+                let message = format!(
+                    "not a tracked table: {} (tracked: {})",
+                    unknown.join(", "),
+                    tracked.join(", ")
+                );
+                return Ok(error_json(
+                    ErrorCode::BadRequest,
+                    &message,
+                    reference.as_ref(),
+                ));
+            }
+        }
         let mut replay_start = None;
         if let Some(since) = request.since {
             match self.state.replayer.check(since).await {
