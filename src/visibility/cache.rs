@@ -142,12 +142,23 @@ mod tests {
         }
     }
 
+    fn answered(cache: &mut VisibilityCache<()>, sub: &str) {
+        cache.entry(&claims(sub)).answer = Some(Answer {
+            visible: Default::default(),
+            as_of: std::sync::Arc::new(crate::db::snapshot::Snapshot::nothing_visible()),
+        });
+    }
+
     #[test]
-    fn only_entries_in_use_are_recomputed_and_idle_ones_are_dropped() {
+    fn only_answers_in_use_are_recomputed_and_idle_ones_are_dropped() {
         let mut cache: VisibilityCache<()> = VisibilityCache::default();
-        cache.attach(&claims("alice"), 1);
-        cache.attach(&claims("bob"), 2);
+        for (sub, session) in [("alice", 1), ("bob", 2), ("carol", 3)] {
+            cache.attach(&claims(sub), session);
+        }
+        answered(&mut cache, "alice");
+        answered(&mut cache, "bob");
         cache.detach(&claims("bob"), 2);
+        // carol never subscribed: nothing to recompute for her.
         assert_eq!(cache.claims_to_recompute(), vec![claims("alice")]);
         assert!(cache.get(&claims("bob")).is_none());
     }
