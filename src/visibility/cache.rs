@@ -83,15 +83,18 @@ impl<W> VisibilityCache<W> {
         }
     }
 
-    /// Claims of entries that sockets use and that have no query in flight: what an
-    /// announcement must recompute. Entries nobody uses are dropped instead.
+    /// Claims of the answers that sockets use: what an announcement must recompute.
+    /// Answers nobody uses are dropped instead; a query in flight is asked again when it
+    /// returns (its epoch is stale), and sockets that never subscribed need no answer.
     pub fn claims_to_recompute(&mut self) -> Vec<Claims> {
         self.entries.retain(|_, entry| {
             !entry.sessions.is_empty() || entry.in_flight.is_some() || !entry.waiting.is_empty()
         });
         self.entries
             .iter()
-            .filter(|(_, entry)| !entry.sessions.is_empty() && entry.in_flight.is_none())
+            .filter(|(_, entry)| {
+                !entry.sessions.is_empty() && entry.in_flight.is_none() && entry.answer.is_some()
+            })
             .map(|(claims, _)| claims.clone())
             .collect()
     }
