@@ -278,26 +278,28 @@ async fn visibility_changes_announce_their_credential_and_commit_snapshot() {
     ] {
         client.batch_execute(&statement).await.expect("write");
     }
-    let rows = client
+    let seen: Vec<String> = client
         .query(
-            "select credential_id, table_name, snapshot is not null from relay.outbox where kind = 'visibility' order by id",
+            "select concat_ws(' ', table_name, coalesce(credential_id, '*'), coalesce(user_id, '*'), (snapshot is not null)::text)
+             from relay.outbox where kind = 'visibility' order by id",
             &[],
         )
         .await
-        .expect("announcements");
-    let seen: Vec<(Option<String>, String, bool)> = rows
+        .expect("announcements")
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| r.get(0))
         .collect();
     assert_eq!(
         seen,
         vec![
-            (Some(ALICE_CRED.into()), "credential_members".into(), true),
-            // The label change does not touch the columns the policies read: no announcement.
-            (Some(BOB_CRED.into()), "credentials".into(), true),
-            (Some(BOB_CRED.into()), "credential_members".into(), true),
+            format!("credential_members {ALICE_CRED} bob true"),
+            // The label change does not touch the columns the policies read: nothing. The
+            // owner change concerns the old owner and the new one.
+            format!("credentials {BOB_CRED} bob true"),
+            format!("credentials {BOB_CRED} alice true"),
+            format!("credential_members {BOB_CRED} bob true"),
             // TRUNCATE fires no row trigger: it announces a change to everything.
-            (None, "credential_members".into(), true),
+            "credential_members * * true".to_owned(),
         ]
     );
 }
@@ -371,7 +373,7 @@ async fn a_schema_unlike_the_example_is_tracked_with_the_same_functions() {
     }
     let seen: Vec<String> = client
         .query(
-            "select concat_ws(' ', kind, table_schema || '.' || table_name, event_type, row_key, coalesce(credential_id, '*'))
+            "select concat_ws(' ', kind, table_schema || '.' || table_name, event_type, row_key, coalesce(credential_id, '*'), user_id)
              from relay.outbox order by id",
             &[],
         )
@@ -386,8 +388,9 @@ async fn a_schema_unlike_the_example_is_tracked_with_the_same_functions() {
             "event desk.fills fill fill 9001",
             // Moving an account to another team changes who sees it; a label does not.
             "visibility desk.accounts 9001",
-            // A membership maps to every account of the team: one announcement, for all.
-            "visibility desk.team_members *",
+            // A membership maps to every account of its team, for the member it names.
+            "visibility desk.team_members * ann@desk.example",
+            "visibility desk.team_members * ann@desk.example",
         ]
     );
     let tracked: Vec<(String, String)> = client

@@ -126,14 +126,44 @@ async fn revocation_and_grant_take_effect_at_their_place_in_the_commit_stream() 
     for socket in [&mut alice, &mut bob, &mut carol] {
         socket.subscribe_all().await;
     }
-    // No pause anywhere: each statement commits, the next one starts.
-    let before = trading.order(&world.shared, "BEFORE").await;
-    trading.unshare(&world.shared, "carol").await;
-    let after_revoke = trading.order(&world.shared, "AFTER-REVOKE").await;
-    trading.share(&world.shared, "bob").await;
-    let after_grant = trading.order(&world.shared, "AFTER-GRANT").await;
-    trading.transfer(&world.shared, "carol").await; // alice loses it, carol gets it back as owner
-    let after_transfer = trading.order(&world.shared, "AFTER-TRANSFER").await;
+    // No pause anywhere: each step is its own transaction, and all of them are sent in
+    // one round trip, so they commit microseconds apart and the relay usually reads them
+    // in one batch, several visibility changes of one credential included.
+    let shared = &world.shared;
+    let order = |symbol: &str| {
+        format!("begin; insert into orders (credential_id, symbol, side, qty) values ('{shared}', '{symbol}', 'buy', 1); commit;")
+    };
+    let script = [
+        order("BEFORE"),
+        format!("begin; delete from credential_members where credential_id = '{shared}' and user_id = 'carol'; commit;"),
+        order("AFTER-REVOKE"),
+        format!("begin; insert into credential_members (credential_id, user_id) values ('{shared}', 'bob'); commit;"),
+        order("AFTER-GRANT"),
+        // alice loses it; carol gets it back, as its owner.
+        format!("begin; update credentials set owner_id = 'carol' where id = '{shared}'; commit;"),
+        order("AFTER-TRANSFER"),
+    ]
+    .concat();
+    trading.client.batch_execute(&script).await.unwrap();
+    let id_of = |symbol: &'static str| {
+        let client = &trading.client;
+        async move {
+            client
+                .query_one(
+                    "select id from relay.outbox where kind = 'event' and new_row ->> 'symbol' = $1",
+                    &[&symbol],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let (before, after_revoke, after_grant, after_transfer) = (
+        id_of("BEFORE").await,
+        id_of("AFTER-REVOKE").await,
+        id_of("AFTER-GRANT").await,
+        id_of("AFTER-TRANSFER").await,
+    );
 
     let received = read_through_sentinels(
         &trading,

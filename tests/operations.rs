@@ -44,8 +44,18 @@ async fn metrics_count_what_flows() {
         last = trading.order(&credential, &format!("M{i}")).await;
     }
     alice.events_until(|v| v["id"] == last).await;
-    let (status, text) = get(relay.port, "/metrics").await;
+    // Counters move when a read completes, just after its events are queued.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = get(relay.port, "/metrics").await;
+        let done = metric(&text, "relay_deliveries_total").unwrap_or(0.0) >= 5.0;
+        if done || tokio::time::Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(status, 200);
+
     assert_eq!(metric(&text, "relay_connections"), Some(1.0));
     assert_eq!(metric(&text, "relay_subscriptions"), Some(1.0));
     assert!(

@@ -110,6 +110,8 @@ grant select, insert, update, delete on public.positions, public.orders, public.
 select relay.track_events('public.positions', 'credential_id', 'position_update', 'position');
 select relay.track_events('public.orders', 'credential_id', 'order_update', 'order');
 select relay.track_events('public.balances', 'credential_id', 'balance_update', 'balance');
--- Who sees a credential depends on its owner and its members: announce those changes.
-select relay.track_visibility('public.credentials', 'id', array['owner_id']);
-select relay.track_visibility('public.credential_members', 'credential_id');
+-- Who sees a credential depends on its owner and its members: announce those changes,
+-- each for the one user it concerns (a credential's members lose it through the
+-- cascade on credential_members, which announces them).
+select relay.track_visibility('public.credentials', 'id', array['owner_id'], user_column => 'owner_id');
+select relay.track_visibility('public.credential_members', 'credential_id', user_column => 'user_id');

@@ -37,6 +37,9 @@ create table relay.outbox (
     op            text        check (op in ('INSERT', 'UPDATE', 'DELETE')),
     -- Routing key. NULL only for an announcement that concerns every credential.
     credential_id text,
+    -- Announcements only: the one user whose visibility changed (the value of the
+    -- tracked table's user column, compared with the relay's user claim); NULL: anyone.
+    user_id       text,
     new_row       jsonb,
     old_row       jsonb,
     -- Announcements only: pg_current_snapshot() taken while the announcing transaction
@@ -140,31 +143,45 @@ begin
 end
 $$;
 
--- Row trigger attached by relay.track_visibility. Argument: the credential column ('' =
--- every credential), schema, table. It writes the announcement at once; its snapshot is
--- filled in while the transaction commits (relay.stamp_announcement below).
+-- Row trigger attached by relay.track_visibility. Arguments: the credential column and
+-- the user column ('' = every credential, every user), schema, table. It writes one
+-- announcement per distinct (credential, user) of the old and new row at once; their
+-- snapshot is filled in while the transaction commits (relay.stamp_announcement below).
 create function relay.capture_visibility() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 declare
     credential_column constant text := nullif(tg_argv[0], '');
-    changed_credential text;
+    user_column constant text := nullif(tg_argv[1], '');
+    new_image jsonb;
+    old_image jsonb;
+    changed record;
 begin
-    if tg_op = 'UPDATE' and to_jsonb(new) = to_jsonb(old) then
+    if tg_op <> 'DELETE' then
+        new_image := to_jsonb(new);
+    end if;
+    if tg_op <> 'INSERT' then
+        old_image := to_jsonb(old);
+    end if;
+    if tg_op = 'UPDATE' and new_image = old_image then
         return null;
     end if;
-    if credential_column is null then
-        perform relay.announce_all_internal(tg_argv[1], tg_argv[2]);
+    if credential_column is null and user_column is null then
+        perform relay.announce_all_internal(tg_argv[2], tg_argv[3]);
         return null;
     end if;
-    for changed_credential in
-        select distinct c from unnest(array[
-            case when tg_op <> 'DELETE' then to_jsonb(new) ->> credential_column end,
-            case when tg_op <> 'INSERT' then to_jsonb(old) ->> credential_column end
-        ]) as c where c is not null
+    for changed in
+        select distinct c.credential, c.person from (values
+            (new_image ->> credential_column, new_image ->> user_column, new_image is not null),
+            (old_image ->> credential_column, old_image ->> user_column, old_image is not null)
+        ) as c(credential, person, present)
+        where c.present
+          -- A row naming no credential (or no user) in a tracked column concerns nobody.
+          and (credential_column is null or c.credential is not null)
+          and (user_column is null or c.person is not null)
     loop
-        insert into relay.outbox (kind, table_schema, table_name, credential_id)
-        values ('visibility', tg_argv[1], tg_argv[2], changed_credential);
+        insert into relay.outbox (kind, table_schema, table_name, credential_id, user_id)
+        values ('visibility', tg_argv[2], tg_argv[3], changed.credential, changed.person);
     end loop;
     perform relay.wake();
     return null;
@@ -301,10 +318,20 @@ $$;
 
 -- Announces "who may see credential <credential_column> may have changed" whenever a
 -- row of `tbl` changes (a table the policies read: credentials, memberships, teams).
--- Without a column, a change invalidates every cached answer. `columns`, when given,
--- limits UPDATEs that announce to those touching these columns (say, owner_id), so a
--- busy credentials table that only bumps last_synced_at costs nothing.
-create function relay.track_visibility(tbl regclass, credential_column name default null, columns name[] default null)
+-- Without a credential column (a team table that maps to many credentials), a change
+-- concerns every credential. `columns`, when given, limits UPDATEs that announce to those
+-- touching these columns (say, owner_id), so a busy credentials table that only bumps
+-- last_synced_at costs nothing. `user_column`, when given, names the one user whose
+-- visibility a row decides (a membership's user_id, a credential's owner_id): only that
+-- user's cached answer is re-asked, and changes for other users in the same instant are
+-- ordered exactly. Give it only when a change of the row can affect no one else; its
+-- values are compared with the relay's user claim (RELAY_USER_CLAIM, `sub` by default).
+create function relay.track_visibility(
+    tbl regclass,
+    credential_column name default null,
+    columns name[] default null,
+    user_column name default null
+)
 returns void
 language plpgsql set search_path = pg_catalog, pg_temp set client_min_messages = warning
 as $$
@@ -316,6 +343,9 @@ begin
     target := relay.tracked_table_name(tbl);
     if credential_column is not null then
         perform relay.check_column(tbl, credential_column);
+    end if;
+    if user_column is not null then
+        perform relay.check_column(tbl, user_column);
     end if;
     if columns is not null then
         if cardinality(columns) = 0 then
@@ -329,8 +359,9 @@ begin
     end if;
     execute format(
         'create or replace trigger relay_visibility after insert or delete or %s on %s '
-        'for each row execute function relay.capture_visibility(%L, %L, %L)',
-        update_clause, tbl, coalesce(credential_column, ''), target.table_schema, target.table_name);
+        'for each row execute function relay.capture_visibility(%L, %L, %L, %L)',
+        update_clause, tbl, coalesce(credential_column, ''), coalesce(user_column, ''),
+        target.table_schema, target.table_name);
     execute format(
         'create or replace trigger relay_visibility_truncate after truncate on %s '
         'for each statement execute function relay.capture_visibility_truncate(%L, %L)',
@@ -355,6 +386,7 @@ select t.tgrelid::regclass as tbl,
        n.nspname::text as table_schema,
        c.relname::text as table_name,
        nullif(a.args[1], '') as credential_column,
+       case p.proname when 'capture_visibility' then nullif(a.args[2], '') end as user_column,
        case p.proname when 'capture_event' then a.args[2] end as event_type,
        case p.proname when 'capture_event' then a.args[3] end as row_key
 from pg_trigger t
@@ -370,7 +402,7 @@ where p.proname in ('capture_event', 'capture_visibility')
 
 grant execute on function relay.track_events(regclass, name, text, text) to public;
 grant execute on function relay.untrack_events(regclass) to public;
-grant execute on function relay.track_visibility(regclass, name, name[]) to public;
+grant execute on function relay.track_visibility(regclass, name, name[], name) to public;
 grant execute on function relay.untrack_visibility(regclass) to public;
 grant execute on function relay.tracked_table_name(regclass) to public;
 grant execute on function relay.check_column(regclass, name) to public;

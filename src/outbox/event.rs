@@ -10,7 +10,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
 
 use crate::db::snapshot::{InvalidSnapshot, Snapshot};
-use crate::domain::{CredentialId, EventId, TableName};
+use crate::domain::{CredentialId, EventId, TableName, UserId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -73,6 +73,8 @@ pub struct Announcement {
     pub id: EventId,
     pub xid: u64,
     pub credential: Option<CredentialId>,
+    /// The one user concerned; `None`: anyone.
+    pub user: Option<UserId>,
     /// Taken while the announcing transaction committed: an event whose transaction is
     /// visible in it committed before the announcement.
     pub snapshot: Snapshot,
@@ -304,6 +306,7 @@ mod tests {
             id: EventId(10),
             xid: 50,
             credential: None,
+            user: None,
             snapshot: Snapshot::parse("40:50:45").expect("valid"),
         };
         let mut tables = TableNames::default();

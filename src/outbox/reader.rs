@@ -9,7 +9,7 @@ use tokio_postgres::{GenericClient, Row, Statement};
 
 use super::event::{Announcement, DecodeError, Event, EventRow, TableNames};
 use crate::db::snapshot::Snapshot;
-use crate::domain::{CredentialId, EventId};
+use crate::domain::{CredentialId, EventId, UserId};
 
 const EVENT_COLUMNS: &str =
     "id, xid::text, table_schema, table_name, event_type, row_key, op, credential_id, \
@@ -68,7 +68,8 @@ pub fn replay_sql(timestamps: TimestampSource) -> String {
 }
 
 const ANNOUNCEMENTS_SQL: &str =
-    "select id, xid::text, credential_id, snapshot::text from relay.outbox
+    "select id, xid::text, credential_id, snapshot::text, user_id from relay.outbox
+
      where kind = 'visibility' and (xid >= $1::text::xid8 or xid = any($2::text[]::xid8[]))
      order by id";
 
@@ -185,22 +186,28 @@ pub fn decode_event(row: &Row, tables: &mut TableNames) -> Result<Event, DecodeE
 }
 
 fn decode_announcement(row: &Row) -> Result<Announcement, ReadError> {
-    let id: i64 = row.get(0);
+    let id: i64 = row
+        .try_get(0)
+        .map_err(|_| DecodeError::Field { id: 0, field: "id" })?;
     let field = |field| DecodeError::Field { id, field };
-    let xid = row
-        .get::<_, &str>(1)
-        .parse::<u64>()
-        .map_err(|_| field("xid"))?;
-    let credential = row
-        .get::<_, Option<&str>>(2)
-        .map(CredentialId::from_database);
-    let snapshot = row
-        .get::<_, Option<&str>>(3)
-        .ok_or_else(|| field("snapshot"))?;
+    let text = |index: usize, name: &'static str| -> Result<Option<&str>, DecodeError> {
+        row.try_get::<_, Option<&str>>(index)
+            .map_err(|_| field(name))
+    };
+    let xid = text(1, "xid")?
+        .and_then(|x| x.parse::<u64>().ok())
+        .ok_or_else(|| field("xid"))?;
+    // Stamped while the announcing transaction committed; should a stamp be missing
+    // (SET CONSTRAINTS … IMMEDIATE), every event of the batch counts as later.
+    let snapshot = match text(3, "snapshot")? {
+        Some(text) => Snapshot::parse(text).map_err(DecodeError::from)?,
+        None => Snapshot::nothing_visible(),
+    };
     Ok(Announcement {
         id: EventId(id),
         xid,
-        credential,
-        snapshot: Snapshot::parse(snapshot).map_err(DecodeError::from)?,
+        credential: text(2, "credential_id")?.map(CredentialId::from_database),
+        user: text(4, "user_id")?.map(UserId::new),
+        snapshot,
     })
 }

@@ -4,66 +4,52 @@
 //! order. An announcement carries the snapshot taken while its transaction committed, so
 //! for each event we know whether it committed before the announcement (its transaction is
 //! visible in that snapshot) or after. Only announcements about the event's credential
-//! (or about every credential) matter.
+//! (or every credential), and about the recipient's user (or every user), matter.
 
-use std::collections::HashMap;
-
-use crate::domain::CredentialId;
+use crate::domain::{CredentialId, UserId};
 use crate::outbox::event::{Announcement, Event};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Before every relevant announcement: route with the answers held before the batch.
+    /// Before every relevant announcement: the answer held before the batch applies.
     Before,
-    /// After every relevant announcement: route with the answers as of the batch's end.
+    /// After every relevant announcement: the answer as of the batch's end applies.
     After,
-    /// Between two announcements about its credential that overlapped: no answer held is
-    /// the one of its commit, so it is delivered to no one (fail closed) and counted.
+    /// Between two relevant announcements (the same user's access to the same credential
+    /// changed twice within one read): no answer held is the one of its commit, so the
+    /// event is withheld from that user (fail closed) and counted.
     Ambiguous,
 }
 
 pub struct AnnouncementPlan<'a> {
-    everything: Vec<&'a Announcement>,
-    by_credential: HashMap<&'a CredentialId, Vec<&'a Announcement>>,
+    announcements: &'a [Announcement],
 }
 
 impl<'a> AnnouncementPlan<'a> {
     pub fn new(announcements: &'a [Announcement]) -> Self {
-        let mut plan = Self {
-            everything: Vec::new(),
-            by_credential: HashMap::new(),
-        };
-        for announcement in announcements {
-            match &announcement.credential {
-                None => plan.everything.push(announcement),
-                Some(credential) => plan
-                    .by_credential
-                    .entry(credential)
-                    .or_default()
-                    .push(announcement),
-            }
-        }
-        plan
+        Self { announcements }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.everything.is_empty() && self.by_credential.is_empty()
+    /// Whether some announcement may concern `credential` (for some user).
+    pub fn mentions(&self, credential: &CredentialId) -> bool {
+        self.announcements
+            .iter()
+            .any(|a| a.credential.as_ref().is_none_or(|c| c == credential))
     }
 
-    /// Credentials named by the announcements; `None` when one is about every credential.
-    pub fn touched(&self) -> Option<Vec<&'a CredentialId>> {
-        self.everything
-            .is_empty()
-            .then(|| self.by_credential.keys().copied().collect())
+    /// Whether some announcement may concern `user` (for some credential).
+    pub fn concerns(&self, user: Option<&UserId>) -> bool {
+        self.announcements
+            .iter()
+            .any(|a| a.user.is_none() || a.user.as_ref() == user)
     }
 
-    pub fn phase(&self, event: &Event) -> Phase {
-        let relevant = self.everything.iter().chain(
-            self.by_credential
-                .get(&event.credential)
-                .into_iter()
-                .flatten(),
-        );
+    /// Where `event` stands, for a recipient who is `user`.
+    pub fn phase(&self, event: &Event, user: Option<&UserId>) -> Phase {
+        let relevant = self.announcements.iter().filter(|a| {
+            a.credential.as_ref().is_none_or(|c| *c == event.credential)
+                && (a.user.is_none() || a.user.as_ref() == user)
+        });
         let (mut before, mut after) = (false, false);
         for announcement in relevant {
             if announcement.saw_commit_of(event) {
@@ -87,11 +73,17 @@ mod tests {
     use crate::domain::EventId;
     use crate::outbox::event::{EventRow, TableNames};
 
-    fn announcement(xid: u64, credential: Option<&str>, snapshot: &str) -> Announcement {
+    fn announcement(
+        xid: u64,
+        credential: Option<&str>,
+        user: Option<&str>,
+        snapshot: &str,
+    ) -> Announcement {
         Announcement {
             id: EventId(0),
             xid,
             credential: credential.map(CredentialId::from_database),
+            user: user.map(UserId::new),
             snapshot: Snapshot::parse(snapshot).expect("valid"),
         }
     }
@@ -117,55 +109,92 @@ mod tests {
         .expect("valid")
     }
 
+    fn user(name: &str) -> Option<UserId> {
+        Some(UserId::new(name))
+    }
+
     #[test]
     fn events_of_other_credentials_are_unaffected() {
-        let announcements = [announcement(20, Some("a"), "15:20:")];
+        let announcements = [announcement(20, Some("a"), None, "15:20:")];
         let plan = AnnouncementPlan::new(&announcements);
-        assert_eq!(plan.phase(&event(25, "b")), Phase::Before);
+        assert!(!plan.mentions(&CredentialId::from_database("b")));
+        assert_eq!(plan.phase(&event(25, "b"), None), Phase::Before);
     }
 
     #[test]
     fn an_event_committed_before_the_announcement_uses_the_old_answer() {
-        let announcements = [announcement(20, Some("a"), "15:20:")];
+        let announcements = [announcement(20, Some("a"), None, "15:20:")];
         let plan = AnnouncementPlan::new(&announcements);
-        assert_eq!(plan.phase(&event(16, "a")), Phase::Before);
+        assert_eq!(plan.phase(&event(16, "a"), None), Phase::Before);
     }
 
     #[test]
     fn an_event_committed_after_or_with_the_announcement_uses_the_new_answer() {
-        let announcements = [announcement(20, Some("a"), "15:20:17")];
+        let announcements = [announcement(20, Some("a"), None, "15:20:17")];
         let plan = AnnouncementPlan::new(&announcements);
         assert_eq!(
-            plan.phase(&event(17, "a")),
+            plan.phase(&event(17, "a"), None),
             Phase::After,
             "still running when it committed"
         );
         assert_eq!(
-            plan.phase(&event(20, "a")),
+            plan.phase(&event(20, "a"), None),
             Phase::After,
             "the announcing transaction itself"
         );
-        assert_eq!(plan.phase(&event(21, "a")), Phase::After, "started later");
+        assert_eq!(
+            plan.phase(&event(21, "a"), None),
+            Phase::After,
+            "started later"
+        );
     }
 
     #[test]
     fn an_announcement_about_every_credential_orders_every_event() {
-        let announcements = [announcement(20, None, "15:20:")];
+        let announcements = [announcement(20, None, None, "15:20:")];
         let plan = AnnouncementPlan::new(&announcements);
-        assert_eq!(plan.touched(), None);
-        assert_eq!(plan.phase(&event(16, "zzz")), Phase::Before);
-        assert_eq!(plan.phase(&event(22, "zzz")), Phase::After);
+        assert!(plan.mentions(&CredentialId::from_database("zzz")));
+        assert_eq!(plan.phase(&event(16, "zzz"), None), Phase::Before);
+        assert_eq!(plan.phase(&event(22, "zzz"), None), Phase::After);
     }
 
     #[test]
-    fn an_event_between_two_announcements_of_its_credential_is_ambiguous() {
+    fn changes_for_different_users_in_one_read_are_each_exact() {
+        // carol revoked (xid 20), then an event (22), then bob granted (xid 30).
         let announcements = [
-            announcement(20, Some("a"), "15:20:"),
-            announcement(30, Some("a"), "25:30:"),
+            announcement(20, Some("s"), Some("carol"), "15:20:"),
+            announcement(30, Some("s"), Some("bob"), "25:30:"),
         ];
         let plan = AnnouncementPlan::new(&announcements);
-        assert_eq!(plan.phase(&event(22, "a")), Phase::Ambiguous);
-        assert_eq!(plan.phase(&event(16, "a")), Phase::Before);
-        assert_eq!(plan.phase(&event(31, "a")), Phase::After);
+        let between = event(22, "s");
+        assert_eq!(plan.phase(&between, user("carol").as_ref()), Phase::After);
+        assert_eq!(plan.phase(&between, user("bob").as_ref()), Phase::Before);
+        assert_eq!(
+            plan.phase(&between, user("alice").as_ref()),
+            Phase::Before,
+            "alice was never concerned"
+        );
+        assert!(plan.concerns(user("bob").as_ref()) && !plan.concerns(user("alice").as_ref()));
+    }
+
+    #[test]
+    fn an_event_between_two_changes_for_the_same_user_is_ambiguous() {
+        let announcements = [
+            announcement(20, Some("a"), Some("bob"), "15:20:"),
+            announcement(30, Some("a"), Some("bob"), "25:30:"),
+        ];
+        let plan = AnnouncementPlan::new(&announcements);
+        assert_eq!(
+            plan.phase(&event(22, "a"), user("bob").as_ref()),
+            Phase::Ambiguous
+        );
+        assert_eq!(
+            plan.phase(&event(16, "a"), user("bob").as_ref()),
+            Phase::Before
+        );
+        assert_eq!(
+            plan.phase(&event(31, "a"), user("bob").as_ref()),
+            Phase::After
+        );
     }
 }

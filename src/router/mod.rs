@@ -21,7 +21,7 @@ use self::table::SessionId;
 pub use self::task::{spawn, RouterSettings};
 use crate::auth::Claims;
 use crate::db::snapshot::Snapshot;
-use crate::domain::{CredentialId, TableFilter};
+use crate::domain::{CredentialId, TableFilter, UserId};
 use crate::visibility::VisibleSet;
 use crate::ws::protocol::Reference;
 
@@ -30,6 +30,7 @@ enum Request {
     Register {
         id: SessionId,
         claims: Claims,
+        user: UserId,
         queue: QueueSender,
         control: Arc<SessionControl>,
     },
@@ -137,6 +138,7 @@ impl Router {
     pub async fn register(
         &self,
         claims: Claims,
+        user: UserId,
         queue: QueueSender,
         control: Arc<SessionControl>,
     ) -> Result<Registration, SubscribeError> {
@@ -149,6 +151,7 @@ impl Router {
             .send(Request::Register {
                 id,
                 claims,
+                user,
                 queue,
                 control,
             })

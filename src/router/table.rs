@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::auth::Claims;
 use crate::db::snapshot::Snapshot;
-use crate::domain::{CredentialId, TableFilter};
+use crate::domain::{CredentialId, TableFilter, UserId};
 use crate::outbox::event::Event;
 use crate::router::queue::{Outgoing, QueueSender, SessionControl};
 use crate::ws::protocol::Reference;
@@ -52,6 +52,7 @@ impl Subscription {
 /// A registered socket.
 pub struct Route {
     pub claims: Claims,
+    pub user: UserId,
     pub queue: QueueSender,
     pub control: Arc<SessionControl>,
     pub subscriptions: Vec<Subscription>,
@@ -78,6 +79,7 @@ impl RoutingTable {
         &mut self,
         id: SessionId,
         claims: Claims,
+        user: UserId,
         queue: QueueSender,
         control: Arc<SessionControl>,
     ) {
@@ -85,6 +87,8 @@ impl RoutingTable {
             id,
             Route {
                 claims,
+                user,
+
                 queue,
                 control,
                 subscriptions: Vec::new(),
@@ -171,24 +175,8 @@ impl RoutingTable {
     /// Enqueues `event` for every socket that subscribed to it and may see it, once each.
     pub fn route(&self, event: &Event) -> Delivery {
         let mut delivery = Delivery::default();
-        let Some(ids) = self.index.get(&event.credential) else {
-            return delivery;
-        };
-        for id in ids {
-            let Some(route) = self.routes.get(id) else {
-                continue;
-            };
-            if !route.subscriptions.iter().any(|s| s.matches(event)) {
-                continue;
-            }
-            let outgoing = Outgoing {
-                frame: event.frame.clone(),
-                committed_at_micros: event.committed_at_micros,
-            };
-            match route.queue.push(outgoing) {
-                Ok(()) => delivery.recipients += 1,
-                Err(_) => delivery.overflowed.push(*id),
-            }
+        for &id in self.indexed(&event.credential) {
+            self.deliver(id, event, &mut delivery);
         }
         delivery
     }
@@ -196,6 +184,30 @@ impl RoutingTable {
     /// Sockets in the index under `credential` (tests and metrics).
     pub fn candidates(&self, credential: &CredentialId) -> usize {
         self.index.get(credential).map_or(0, Vec::len)
+    }
+
+    /// The sockets in the index under `credential`.
+    pub fn indexed(&self, credential: &CredentialId) -> &[SessionId] {
+        self.index.get(credential).map_or(&[], Vec::as_slice)
+    }
+
+    /// Enqueues `event` for socket `id` if one of its subscriptions matches it (the caller
+    /// has established that the socket may see it).
+    pub fn deliver(&self, id: SessionId, event: &Event, delivery: &mut Delivery) {
+        let Some(route) = self.routes.get(&id) else {
+            return;
+        };
+        if !route.subscriptions.iter().any(|s| s.matches(event)) {
+            return;
+        }
+        let outgoing = Outgoing {
+            frame: event.frame.clone(),
+            committed_at_micros: event.committed_at_micros,
+        };
+        match route.queue.push(outgoing) {
+            Ok(()) => delivery.recipients += 1,
+            Err(_) => delivery.overflowed.push(id),
+        }
     }
 
     /// Drops `starts_after` markers that no future batch can match any more.
@@ -263,6 +275,7 @@ mod tests {
         table.insert(
             id,
             Claims::from_token_claims(&serde_json::Map::new()),
+            UserId::new("u"),
             tx,
             Arc::default(),
         );
@@ -341,6 +354,7 @@ mod tests {
         table.insert(
             7,
             Claims::from_token_claims(&serde_json::Map::new()),
+            UserId::new("u"),
             tx,
             Arc::default(),
         );

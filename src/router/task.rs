@@ -1,31 +1,32 @@
 //! The router task's loop. One task, so that the order of events, visibility
 //! announcements and subscriptions is simply the order in which it handles them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
+use futures_util::future::{join, join3};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
-use tokio_postgres::{IsolationLevel, Transaction};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::commit_order::{AnnouncementPlan, Phase};
-use super::table::{RoutingTable, SessionId, Subscription};
+use super::table::{Delivery, RoutingTable, SessionId, Subscription};
 use super::{NewSubscription, RelayStatus, Request, Router, SubscribeError, Subscribed};
 use crate::auth::Claims;
 use crate::config::{FaultInjection, WakeupMode};
 use crate::db::snapshot::Snapshot;
-use crate::domain::EventId;
+use crate::domain::{CredentialId, EventId, UserId};
 use crate::metrics::Metrics;
-use crate::outbox::event::{DecodeError, Event, TableNames};
+use crate::outbox::event::{Announcement, DecodeError, Event, TableNames};
 use crate::outbox::listener::{ListenerHandle, StreamConnection};
 use crate::outbox::reader::ReadError;
 use crate::outbox::wakeup::{FlagChange, Next, WakeupPolicy};
 use crate::visibility::cache::VisibilityCache;
-use crate::visibility::{Answer, VisibilityError, VisibilityQuery};
+use crate::visibility::{Answer, VisibilityError, VisibilityQuery, VisibleSet};
 use crate::ws::close::CloseReason;
 
 /// A read that takes longer is abandoned and the connection replaced.
@@ -183,11 +184,12 @@ impl Task {
             Request::Register {
                 id,
                 claims,
+                user,
                 queue,
                 control,
             } => {
-                self.cache.attach(&claims, id);
-                self.table.insert(id, claims, queue, control);
+                self.cache.attach(&claims, &user, id);
+                self.table.insert(id, claims, user, queue, control);
             }
             Request::Subscribe {
                 id,
@@ -420,8 +422,9 @@ impl Task {
             return;
         };
         let previous = std::mem::replace(&mut route.claims, claims.clone());
+        let user = route.user.clone();
         self.cache.detach(&previous, id);
-        self.cache.attach(claims, id);
+        self.cache.attach(claims, &user, id);
         let visible = self
             .cache
             .get(claims)
@@ -486,78 +489,70 @@ impl Task {
 
     /// Reads one batch and routes it; returns how many transactions it held.
     async fn read_batch(&mut self, connection: &StreamConnection) -> Result<usize, ReadError> {
-        let mut client = connection.client.lock().await;
-        let transaction = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let snapshot = connection.reader.snapshot(&transaction).await?;
-        let Some(previous) = self.position.clone() else {
-            transaction.commit().await?;
-            tracing::info!(%snapshot, "relaying what commits from now on");
-            self.position = Some(Arc::new(snapshot));
-            return Ok(0);
+        let client = connection.client.lock().await;
+        let client: &Client = &client;
+        // One round trip for BEGIN, the snapshot (the first statement of a REPEATABLE
+        // READ transaction fixes it) and the announcements since the last one. On any
+        // error the connection is replaced, open transaction and all.
+        let begin = client.batch_execute("begin isolation level repeatable read read only");
+        let current = connection.reader.snapshot(client);
+        let (snapshot, announcements) = match self.position.clone() {
+            None => {
+                let (began, snapshot) = join(begin, current).await;
+                began?;
+                let snapshot = snapshot?;
+                client.batch_execute("commit").await?;
+                tracing::info!(%snapshot, "relaying what commits from now on");
+                self.position = Some(Arc::new(snapshot));
+                return Ok(0);
+            }
+            Some(previous) => {
+                let (began, snapshot, announcements) = join3(
+                    begin,
+                    current,
+                    connection.reader.announcements(client, &previous),
+                )
+                .await;
+                began?;
+                (snapshot?, announcements?)
+            }
         };
-        let mut announcements = connection
-            .reader
-            .announcements(&transaction, &previous)
-            .await?;
+        let previous = self
+            .position
+            .clone()
+            .unwrap_or_else(|| Arc::new(snapshot.clone()));
+        let mut announcements = announcements;
         if self.faults.ignore_visibility_announcements {
             announcements.clear();
         }
         let mut batch = BatchStats::default();
         if announcements.is_empty() {
-            self.route_pass(
-                connection,
-                &transaction,
-                &previous,
-                &mut batch,
-                |_| Phase::Before,
-                Phase::Before,
-            )
-            .await?;
-        } else {
-            let plan = AnnouncementPlan::new(&announcements);
-            self.route_pass(
-                connection,
-                &transaction,
-                &previous,
-                &mut batch,
-                |e| plan.phase(e),
-                Phase::Before,
-            )
-            .await?;
-            self.apply_announcements(connection, &transaction, &snapshot, announcements.len())
+            self.route_plain(connection, client, &previous, &mut batch)
                 .await?;
-            self.route_pass(
+        } else {
+            self.route_with_announcements(
                 connection,
-                &transaction,
+                client,
                 &previous,
+                &snapshot,
+                &announcements,
                 &mut batch,
-                |e| plan.phase(e),
-                Phase::After,
             )
             .await?;
         }
-        transaction.commit().await?;
-        drop(client);
+        client.batch_execute("commit").await?;
         self.position = Some(Arc::new(snapshot));
         self.finish_batch(&batch);
         Ok(batch.transactions.len() + announcements.len())
     }
 
-    /// Streams the batch's events and routes those in `wanted` phase (ambiguous ones are
-    /// counted as denied in the second pass).
-    async fn route_pass(
+    /// The common case, a batch without visibility announcements: the index holds.
+    async fn route_plain(
         &mut self,
         connection: &StreamConnection,
-        transaction: &Transaction<'_>,
+        client: &Client,
         previous: &Snapshot,
         batch: &mut BatchStats,
-        phase_of: impl Fn(&Event) -> Phase,
-        wanted: Phase,
     ) -> Result<(), ReadError> {
         let table = &self.table;
         let already_routed = &self.already_routed;
@@ -565,62 +560,145 @@ impl Task {
         let metrics = &self.metrics;
         connection
             .reader
-            .for_each_event(transaction, previous, &mut self.tables, |decoded| {
-                let event = match decoded {
-                    Ok(event) => event,
-                    Err(error) => return decode_failed(metrics, &error),
-                };
-                let phase = phase_of(&event);
-                if wanted == Phase::Before {
-                    batch.transactions.insert(event.xid);
-                    batch.events += 1;
-                    batch.newest_commit_micros =
-                        batch.newest_commit_micros.max(event.committed_at_micros);
-                }
-                if phase == Phase::Ambiguous && wanted == Phase::After {
-                    metrics.denied(
-                        "ambiguous_visibility",
-                        table.candidates(&event.credential) as u64,
-                    );
+            .for_each_event(client, previous, &mut self.tables, |decoded| {
+                let Some(event) = batch.take(decoded, metrics) else {
                     return;
-                }
-                if phase != wanted || already_routed.contains(&event.id) {
+                };
+                if already_routed.contains(&event.id) {
                     return;
                 }
                 let delivery = table.route(&event);
                 routed_this_read.push(event.id);
-                batch.deliveries += delivery.recipients as u64;
-                batch.overflowed.extend(delivery.overflowed);
+                batch.delivered(delivery);
             })
             .await
     }
 
-    /// Recomputes, as of this batch's snapshot, every cached answer in use, and
-    /// re-indexes the sockets using them. An answer that cannot be computed closes its
-    /// sockets (1011): they resume and get the events by replay (fail closed).
-    async fn apply_announcements(
+    /// A batch with visibility announcements. The answers of the users they concern are
+    /// asked again, as of this batch's snapshot (inside the read transaction); then each
+    /// event of a credential they mention goes to each candidate socket by the answer
+    /// that held when the event committed: the old one before the socket user's
+    /// announcements, the new one after (see [`AnnouncementPlan`]). Finally the new
+    /// answers are installed. An answer that cannot be computed closes its sockets
+    /// (1011): they resume and get what they may see by replay (fail closed).
+    async fn route_with_announcements(
         &mut self,
         connection: &StreamConnection,
-        transaction: &Transaction<'_>,
+        client: &Client,
+        previous: &Snapshot,
         snapshot: &Snapshot,
-        count: usize,
+        announcements: &[Announcement],
+        batch: &mut BatchStats,
     ) -> Result<(), ReadError> {
+        let plan = AnnouncementPlan::new(announcements);
         self.epoch += 1;
-        self.metrics.visibility_invalidations.inc_by(count as u64);
-        let claims = self.cache.claims_to_recompute();
+        self.metrics
+            .visibility_invalidations
+            .inc_by(announcements.len() as u64);
+        let claims = self.cache.claims_to_recompute(|user| plan.concerns(user));
         let answers = self
             .visibility
-            .recompute(transaction, &connection.visibility, &claims)
+            .recompute(client, &connection.visibility, &claims)
             .await?;
+
+        // Old and new answers of the claims sets concerned; sockets newly granted a
+        // credential are candidates for its events besides the index.
+        let mut changes: HashMap<Claims, Change> = HashMap::new();
+        let mut granted: HashMap<CredentialId, Vec<SessionId>> = HashMap::new();
+        for (claims, answer) in claims.into_iter().zip(answers) {
+            let Some(entry) = self.cache.get(&claims) else {
+                continue;
+            };
+            let old = entry.answer.as_ref().map(|a| a.visible.clone());
+            let new = match answer {
+                Ok(visible) => Some(visible),
+                Err(error) => {
+                    tracing::warn!(%error, sockets = entry.sessions.len(), "visibility recompute failed; closing the sockets concerned");
+                    None
+                }
+            };
+            if let Some(new) = &new {
+                for credential in new
+                    .iter()
+                    .filter(|c| old.as_ref().is_none_or(|o| !o.contains(*c)))
+                {
+                    granted
+                        .entry(credential.clone())
+                        .or_default()
+                        .extend(entry.sessions.iter().copied());
+                }
+            }
+            changes.insert(
+                claims,
+                Change {
+                    user: entry.user.clone(),
+                    old,
+                    new,
+                },
+            );
+        }
+
+        let table = &self.table;
+        let already_routed = &self.already_routed;
+        let routed_this_read = &mut self.routed_this_read;
+        let metrics = &self.metrics;
+        let no_sessions: Vec<SessionId> = Vec::new();
+        connection
+            .reader
+            .for_each_event(client, previous, &mut self.tables, |decoded| {
+                let Some(event) = batch.take(decoded, metrics) else {
+                    return;
+                };
+                if already_routed.contains(&event.id) {
+                    return;
+                }
+                routed_this_read.push(event.id);
+                if !plan.mentions(&event.credential) {
+                    return batch.delivered(table.route(&event));
+                }
+                let mut delivery = Delivery::default();
+                let mut seen = HashSet::new();
+                let newly = granted.get(&event.credential).unwrap_or(&no_sessions);
+                for &id in table.indexed(&event.credential).iter().chain(newly) {
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    let Some(route) = table.get(id) else { continue };
+                    let may_see = match changes.get(&route.claims) {
+                        // Not concerned by any announcement: the index answer holds.
+                        None => true,
+                        Some(change) => match plan.phase(&event, change.user.as_ref()) {
+                            Phase::Before => change
+                                .old
+                                .as_ref()
+                                .is_some_and(|v| v.contains(&event.credential)),
+                            Phase::After => change
+                                .new
+                                .as_ref()
+                                .is_some_and(|v| v.contains(&event.credential)),
+                            Phase::Ambiguous => {
+                                metrics.denied("ambiguous_visibility", 1);
+                                false
+                            }
+                        },
+                    };
+                    if may_see {
+                        table.deliver(id, &event, &mut delivery);
+                    }
+                }
+                batch.delivered(delivery);
+            })
+            .await?;
+
         let as_of = Arc::new(snapshot.clone());
         let mut failed = Vec::new();
-        for (claims, answer) in claims.into_iter().zip(answers) {
+        for (claims, change) in changes {
             let Some(entry) = self.cache.get_mut(&claims) else {
                 continue;
             };
             let sessions: Vec<SessionId> = entry.sessions.iter().copied().collect();
-            match answer {
-                Ok(visible) => {
+            match change.new {
+                Some(visible) => {
                     entry.answer = Some(Answer {
                         visible: visible.clone(),
                         as_of: as_of.clone(),
@@ -629,8 +707,7 @@ impl Task {
                         self.table.reindex(id, Some(&visible));
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, sockets = sessions.len(), "visibility recompute failed; closing the sockets concerned");
+                None => {
                     entry.answer = None;
                     failed.extend(sessions);
                 }
@@ -671,6 +748,38 @@ struct BatchStats {
     deliveries: u64,
     newest_commit_micros: i64,
     overflowed: Vec<SessionId>,
+}
+
+impl BatchStats {
+    /// Counts a read row; the event, when it decoded.
+    fn take(&mut self, decoded: Result<Event, DecodeError>, metrics: &Metrics) -> Option<Event> {
+        match decoded {
+            Ok(event) => {
+                self.transactions.insert(event.xid);
+                self.events += 1;
+                self.newest_commit_micros =
+                    self.newest_commit_micros.max(event.committed_at_micros);
+                Some(event)
+            }
+            Err(error) => {
+                decode_failed(metrics, &error);
+                None
+            }
+        }
+    }
+
+    fn delivered(&mut self, delivery: Delivery) {
+        self.deliveries += delivery.recipients as u64;
+        self.overflowed.extend(delivery.overflowed);
+    }
+}
+
+/// A claims set's answer across a batch with announcements.
+struct Change {
+    user: Option<UserId>,
+    old: Option<VisibleSet>,
+    /// `None`: could not be computed (the sockets are closed).
+    new: Option<VisibleSet>,
 }
 
 fn decode_failed(metrics: &Metrics, error: &DecodeError) {

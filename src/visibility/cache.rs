@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::Answer;
 use crate::auth::Claims;
+use crate::domain::UserId;
 use crate::router::table::SessionId;
 
 /// Idle entries kept at most, and for how long.
@@ -19,6 +20,9 @@ const IDLE_TTL: Duration = Duration::from_secs(300);
 pub struct Entry<W> {
     /// `None` until a query answers, or after one failed (fail closed).
     pub answer: Option<Answer>,
+    /// The user these claims name (RELAY_USER_CLAIM): announcements about one user
+    /// concern only that user's answers.
+    pub user: Option<UserId>,
     /// Sockets whose claims these are.
     pub sessions: HashSet<SessionId>,
     /// The epoch a query in flight was started in.
@@ -32,6 +36,7 @@ impl<W> Entry<W> {
     fn new() -> Self {
         Self {
             answer: None,
+            user: None,
             sessions: HashSet::new(),
             in_flight: None,
             waiting: Vec::new(),
@@ -68,9 +73,10 @@ impl<W> VisibilityCache<W> {
             .or_insert_with(Entry::new)
     }
 
-    pub fn attach(&mut self, claims: &Claims, session: SessionId) {
+    pub fn attach(&mut self, claims: &Claims, user: &UserId, session: SessionId) {
         let entry = self.entry(claims);
         entry.sessions.insert(session);
+        entry.user.get_or_insert_with(|| user.clone());
         entry.idle_since = None;
     }
 
@@ -83,17 +89,24 @@ impl<W> VisibilityCache<W> {
         }
     }
 
-    /// Claims of the answers that sockets use: what an announcement must recompute.
-    /// Answers nobody uses are dropped instead; a query in flight is asked again when it
-    /// returns (its epoch is stale), and sockets that never subscribed need no answer.
-    pub fn claims_to_recompute(&mut self) -> Vec<Claims> {
+    /// Claims of the answers that sockets use and that `concerned` selects (by user):
+    /// what an announcement must recompute. Answers nobody uses are dropped instead; a
+    /// query in flight is asked again when it returns (its epoch is stale), and sockets
+    /// that never subscribed need no answer.
+    pub fn claims_to_recompute(
+        &mut self,
+        concerned: impl Fn(Option<&UserId>) -> bool,
+    ) -> Vec<Claims> {
         self.entries.retain(|_, entry| {
             !entry.sessions.is_empty() || entry.in_flight.is_some() || !entry.waiting.is_empty()
         });
         self.entries
             .iter()
             .filter(|(_, entry)| {
-                !entry.sessions.is_empty() && entry.in_flight.is_none() && entry.answer.is_some()
+                !entry.sessions.is_empty()
+                    && entry.in_flight.is_none()
+                    && entry.answer.is_some()
+                    && concerned(entry.user.as_ref())
             })
             .map(|(claims, _)| claims.clone())
             .collect()
@@ -155,21 +168,23 @@ mod tests {
     #[test]
     fn only_answers_in_use_are_recomputed_and_idle_ones_are_dropped() {
         let mut cache: VisibilityCache<()> = VisibilityCache::default();
-        for (sub, session) in [("alice", 1), ("bob", 2), ("carol", 3)] {
-            cache.attach(&claims(sub), session);
+        for (sub, session) in [("alice", 1), ("bob", 2), ("carol", 3), ("dave", 4)] {
+            cache.attach(&claims(sub), &UserId::new(sub), session);
         }
-        answered(&mut cache, "alice");
-        answered(&mut cache, "bob");
+        for sub in ["alice", "bob", "dave"] {
+            answered(&mut cache, sub);
+        }
         cache.detach(&claims("bob"), 2);
-        // carol never subscribed: nothing to recompute for her.
-        assert_eq!(cache.claims_to_recompute(), vec![claims("alice")]);
+        // carol never subscribed: nothing to recompute for her; dave is not concerned.
+        let concerned = |user: Option<&UserId>| user.is_some_and(|u| u.as_str() != "dave");
+        assert_eq!(cache.claims_to_recompute(concerned), vec![claims("alice")]);
         assert!(cache.get(&claims("bob")).is_none());
     }
 
     #[test]
     fn idle_entries_expire() {
         let mut cache: VisibilityCache<()> = VisibilityCache::default();
-        cache.attach(&claims("alice"), 1);
+        cache.attach(&claims("alice"), &UserId::new("alice"), 1);
         cache.detach(&claims("alice"), 1);
         cache.evict_idle(Instant::now());
         assert_eq!(cache.len(), 1, "kept for a reconnect");

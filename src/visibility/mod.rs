@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::future::join4;
-use tokio_postgres::{GenericClient, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Statement};
 
 use crate::auth::Claims;
 use crate::config::{quote_identifier, VisibilityConfig};
@@ -163,14 +163,14 @@ impl VisibilityQuery {
     /// trip). The role switch is undone before returning.
     pub async fn recompute(
         &self,
-        transaction: &Transaction<'_>,
+        client: &Client,
         prepared: &PreparedVisibility,
         claims: &[Claims],
     ) -> Result<Vec<Result<VisibleSet, VisibilityError>>, tokio_postgres::Error> {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        transaction
+        client
             .batch_execute(&format!(
                 "savepoint relay_recompute; {}; {}",
                 self.local_timeout_statement(),
@@ -181,13 +181,13 @@ impl VisibilityQuery {
         for one in claims {
             let started = Instant::now();
             let (savepoint, set, rows, release) = join4(
-                transaction.batch_execute("savepoint relay_claims"),
-                transaction.query_one(
+                client.batch_execute("savepoint relay_claims"),
+                client.query_one(
                     &prepared.set_claims,
                     &[&self.claims_setting, &one.as_json()],
                 ),
-                transaction.query(&prepared.visible, &[]),
-                transaction.batch_execute("release savepoint relay_claims"),
+                client.query(&prepared.visible, &[]),
+                client.batch_execute("release savepoint relay_claims"),
             )
             .await;
             savepoint?;
@@ -198,7 +198,7 @@ impl VisibilityQuery {
                         .collect(),
                 )),
                 (set, rows, _) => {
-                    transaction
+                    client
                         .batch_execute("rollback to savepoint relay_claims")
                         .await?;
                     Err(match (set, rows) {
@@ -211,7 +211,7 @@ impl VisibilityQuery {
                 .visibility_query(started.elapsed(), answer.is_ok());
             answers.push(answer);
         }
-        transaction
+        client
             .batch_execute("rollback to savepoint relay_recompute")
             .await?;
         Ok(answers)

@@ -117,7 +117,12 @@ where
     let control = Arc::new(SessionControl::default());
     let registration = match state
         .router
-        .register(identity.claims.clone(), queue_tx, control.clone())
+        .register(
+            identity.claims.clone(),
+            identity.user.clone(),
+            queue_tx,
+            control.clone(),
+        )
         .await
     {
         Ok(registration) => registration,
