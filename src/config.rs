@@ -160,9 +160,20 @@ pub struct JwtConfig {
     #[arg(long, env = "RELAY_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
-    /// JWKS file (keys selected by `kid`).
+    /// JWKS file (keys selected by `kid`), read once at start.
     #[arg(long, env = "RELAY_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
+
+    /// JWKS URL (keys selected by `kid`), fetched at start, again when a token names an
+    /// unknown `kid` or the keys are older than 10 minutes, at most once per
+    /// RELAY_JWT_JWKS_MIN_REFRESH.
+    #[arg(long, env = "RELAY_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Least time between two fetches of RELAY_JWT_JWKS_URL, so that tokens with made-up
+    /// `kid`s cannot make the relay hammer the identity provider.
+    #[arg(long, env = "RELAY_JWT_JWKS_MIN_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_jwks_min_refresh: Duration,
 
     /// Algorithm the configured key is for. Defaults: HS256 for a secret; read from the
     /// PEM for a public key.
@@ -248,6 +259,9 @@ pub struct DemoConfig {
     /// Use this database instead of starting a throwaway Postgres (it must be empty).
     #[arg(long, env = "RELAY_DEMO_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
+    /// Lifetime of the tokens the demo page gets (short, so that refreshes show).
+    #[arg(long, env = "RELAY_DEMO_TOKEN_TTL", default_value = "2m", value_parser = parse_duration)]
+    pub token_ttl: Duration,
     #[command(flatten)]
     pub log: LogConfig,
 }
