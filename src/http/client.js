@@ -20,8 +20,9 @@
 //   reconnect and resume; 1008 (origin) and 1009 (message too large) → stop, since
 //   retrying cannot help;
 // - `resume_gap` (the cursor is older than the retention), or a reconnect before any
-//   event gave a cursor: subscribes again without `since` and calls onResync, so the
-//   application refetches its state over REST.
+//   event gave a cursor: subscribes again without `since` and, once that subscription
+//   is live, calls onResync, so the application refetches its state over REST with
+//   nothing falling between the two.
 //
 // Events of different rows may arrive slightly out of id order (ids are taken before
 // commit): apply each row event as the row's newest state, or compare the row's own
@@ -71,6 +72,7 @@ export class RelayClient {
     this._wasLive = false;
     this._refs = 0;
     this._pending = new Map(); // ref → subscription index, while waiting for `subscribed`
+    this._resyncAfter = new Set(); // refs whose `subscribed` calls onResync (after a resume_gap)
     this._seen = new Set(); // recent event ids, to drop duplicates around a resume
     this._seenOrder = [];
     this._timers = new Set();
@@ -152,6 +154,10 @@ export class RelayClient {
         this._expiring(message.expires_at);
         break;
       case "subscribed":
+        if (this._resyncAfter.delete(refOf(message))) {
+          // Live now: a refetch from here on leaves nothing between the two.
+          this.onResync("resume_gap");
+        }
         if (this._pending.delete(refOf(message)) && this._pending.size === 0) {
           this._attempt = 0;
           const resync = this._wasLive && this.lastEventId === null;
@@ -181,8 +187,7 @@ export class RelayClient {
       // Too far behind: live from now on, and the application refetches its state.
       const index = this._pending.get(ref);
       this._pending.delete(ref);
-      this._subscribe(ws, index, false);
-      this.onResync(message.message ?? "resume_gap");
+      this._resyncAfter.add(this._subscribe(ws, index, false));
     } else if (message.code === "unauthorized" && ref?.startsWith("refresh-")) {
       // A refresh was refused: reconnect with a new token before this one expires.
       ws.close(4000, "token refresh refused");
@@ -194,6 +199,7 @@ export class RelayClient {
 
   _subscribeAll(ws) {
     this._pending.clear();
+    this._resyncAfter.clear();
     this.subscriptions.forEach((_, index) => this._subscribe(ws, index, true));
   }
 
@@ -203,6 +209,7 @@ export class RelayClient {
     if (resume && this.lastEventId !== null) request.since = this.lastEventId;
     this._pending.set(ref, index);
     ws.send(JSON.stringify(request));
+    return ref;
   }
 
   _expiring(expiresAt) {

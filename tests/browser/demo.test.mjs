@@ -178,6 +178,59 @@ test("tokens are refreshed before they expire, on the same socket", async () => 
   assert.equal(refreshed.alice.welcomes, 1, "alice's socket was replaced instead of refreshed");
 });
 
+test("client.js: a resume_gap subscribes live again and asks for a refetch", async () => {
+  const outcome = await page.evaluate(async () => {
+    const { RelayClient } = await import("/client.js");
+    const token = async () => (await (await fetch("/demo/token/alice", { method: "POST" })).json()).token;
+    return new Promise((resolve, reject) => {
+      const seen = { resyncs: [], events: 0, errors: [] };
+      const client = new RelayClient({
+        getToken: token,
+        onResync: (why) => seen.resyncs.push(why),
+        onMessage: (m) => m.type === "error" && seen.errors.push(m.code),
+        onEvent: () => {
+          seen.events += 1;
+          if (seen.resyncs.length > 0) { client.stop(); resolve(seen); }
+        },
+      });
+      // A cursor this relay never handed out: answered with resume_gap.
+      client.lastEventId = 1e15;
+      client.start();
+      setTimeout(() => { client.stop(); reject(new Error(JSON.stringify(seen))); }, 20_000);
+    });
+  });
+  assert.deepEqual(outcome.errors, ["resume_gap"]);
+  assert.equal(outcome.resyncs.length, 1);
+  assert.ok(outcome.events >= 1);
+});
+
+test("client.js: a refused token (4001) is replaced by a new one and the client goes live", async () => {
+  const statuses = await page.evaluate(async () => {
+    const { RelayClient } = await import("/client.js");
+    let calls = 0;
+    const getToken = async () => {
+      calls += 1;
+      if (calls === 1) return "not.a.token";
+      return (await (await fetch("/demo/token/bob", { method: "POST" })).json()).token;
+    };
+    return new Promise((resolve, reject) => {
+      const statuses = [];
+      const client = new RelayClient({
+        getToken,
+        initialBackoffMs: 100,
+        onStatus: (status, detail) => {
+          statuses.push(detail?.code ? `${status}:${detail.code}` : status);
+          if (status === "live") { client.stop(); resolve(statuses); }
+        },
+      });
+      client.start();
+      setTimeout(() => { client.stop(); reject(new Error(statuses.join(","))); }, 20_000);
+    });
+  });
+  assert.ok(statuses.includes("reconnecting:4001"), statuses.join(","));
+  assert.equal(statuses.filter((s) => s === "live").length, 1, statuses.join(","));
+});
+
 test("over the whole run, neither pane received the other user's private accounts", async () => {
   const shared = world.shared_credential;
   const final = await waitUntil("both live", (s) => s.alice.status === "live" && s.bob.status === "live");
