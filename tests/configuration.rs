@@ -167,3 +167,33 @@ fn serve_help_names_every_environment_variable() {
         );
     }
 }
+
+#[test]
+fn the_readme_metrics_table_lists_exactly_the_exported_metrics() {
+    let text = rls_relay::metrics::Metrics::new().render();
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let start = README.find("### Metrics").expect("README has ### Metrics");
+    let section = &README[start..];
+    let section = &section[..section[3..]
+        .find("\n#")
+        .map_or(section.len(), |end| end + 3)];
+    let documented: BTreeSet<String> = section
+        .lines()
+        .filter(|line| line.starts_with("| `"))
+        .flat_map(|line| {
+            // `relay_a`, `relay_b{label}` in the first cell.
+            let cell = line.split('|').nth(1).unwrap_or("");
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|name| name.split('{').next().unwrap_or(name).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(documented, exported);
+}
