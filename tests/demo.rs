@@ -178,6 +178,29 @@ async fn the_demo_serves_two_users_their_own_trades_and_cleans_up_on_ctrl_c() {
     stream.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 403"), "{response}");
 
+    // Alice's retirement account is given to Bob: what commits after it reaches him.
+    let transferable = state["transferable_credential"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, moved) = http(port, "POST", "/demo/transfer", Some(json!({"to": "bob"}))).await;
+    assert_eq!(status, 200, "{moved}");
+    let after = serde_json::from_str::<Value>(&moved).unwrap()["after"]
+        .as_i64()
+        .unwrap();
+    loop {
+        match bob.read(PATIENCE).await {
+            Read::Message(event)
+                if event["credential_id"] == transferable.as_str()
+                    && event["id"].as_i64().unwrap() > after =>
+            {
+                break
+            }
+            Read::Message(_) => {}
+            other => panic!("waiting for the transferred account's trades: {other:?}"),
+        }
+    }
+
     // Ctrl-C.
     let pid = demo.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")

@@ -67,7 +67,12 @@ async fn serve(
     let secret = random_secret();
     let serve_config = serve_config(config, &url, &secret)?;
     let verifier = Arc::new(Verifier::from_config(&serve_config.jwt)?);
-    let app = Application::build(serve_config).await?;
+    let listen_addr = serve_config.listen_addr;
+    let app = Application::build(serve_config).await.with_context(|| {
+        format!(
+            "starting the relay on {listen_addr} (another address: --listen-addr 127.0.0.1:0 picks a free port)"
+        )
+    })?;
     let state = Arc::new(routes::DemoState {
         pool: db::pool(&url, 4)?,
         signer: EncodingKey::from_secret(secret.expose().as_bytes())?,
