@@ -112,12 +112,15 @@ const ids = (owner, { except } = {}) =>
   world.credentials.filter((c) => c.owner_id === owner && c.id !== except).map((c) => c.id);
 const onCredential = (s, credential, after = 0) => s.events.filter((e) => e.credential_id === credential && e.id > after);
 
-/** Clicks the share toggle and returns the outbox position after the change. */
-async function toggleShare() {
+/** Clicks the share toggle (shared → not shared or back), waits until the page shows the
+ * new state, and returns the outbox position after the change. */
+async function toggleShare(from) {
+  await page.waitForSelector(`#share-toggle[data-shared="${from}"]:not([disabled])`, { timeout: PATIENCE });
   const [response] = await Promise.all([
     page.waitForResponse((r) => r.url().endsWith("/demo/share")),
     page.click("#share-toggle"),
   ]);
+  await page.waitForSelector(`#share-toggle[data-shared="${!from}"]`, { timeout: PATIENCE });
   return (await response.json()).after;
 }
 
@@ -146,9 +149,7 @@ test("each user sees their own accounts' updates live, and nobody else's", async
 
 test("stopping the share cuts bob off from what commits after it; sharing again brings him back", async () => {
   const shared = world.shared_credential;
-  assert.equal(await page.getAttribute("#share-toggle", "data-shared"), "true");
-
-  const revokedAt = await toggleShare();
+  const revokedAt = await toggleShare(true);
   // Alice keeps receiving the shared account's updates...
   const later = await waitUntil("three updates of the shared account for alice after the revocation", (s) =>
     onCredential(s.alice, shared, revokedAt).length >= 3);
@@ -157,8 +158,7 @@ test("stopping the share cuts bob off from what commits after it; sharing again 
   await waitUntil("bob's accounts (over REST) no longer list the shared account", (s) =>
     !s.bob.credentials.includes(shared));
 
-  const grantedAt = await toggleShare();
-  assert.equal(await page.getAttribute("#share-toggle", "data-shared"), "true");
+  const grantedAt = await toggleShare(false);
   await waitUntil("bob receives the shared account again after the grant", (s) =>
     onCredential(s.bob, shared, grantedAt).length > 0 && s.bob.credentials.includes(shared));
 });
