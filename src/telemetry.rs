@@ -5,23 +5,32 @@
 //!
 //! Two dependencies would: tokio-postgres logs every statement with its parameters at
 //! debug level (the visibility query's parameters are the user's claims), and tungstenite
-//! logs every message received at trace level (an `auth` message holds a token). So they
-//! stay at info and debug whatever the filter says, unless the filter names them
-//! explicitly (someone debugging that layer, who then sees claims or tokens in the log).
+//! logs every message received at trace level (an `auth` message holds a token). So, on
+//! top of RELAY_LOG, a second filter caps them at info and debug, unless RELAY_LOG names
+//! them explicitly (someone debugging that layer, who then sees claims or tokens).
 
+use tracing::Level;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Targets whose finer levels log secrets, and the most they may log unless named.
+const CAPPED: [(&str, Level); 2] = [
+    ("tokio_postgres", Level::INFO),
+    ("tungstenite", Level::DEBUG),
+];
+
 /// Installs the global subscriber; a second call (tests, embedded use) is a no-op.
 pub fn init(config: &LogConfig) {
-    let filter = filter(&config.log_filter);
+    let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let caps = caps(&config.log_filter);
     let registry = tracing_subscriber::registry().with(filter);
     let _already_installed = match config.log_format {
         LogFormat::Human => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_writer(std::io::stderr).with_filter(caps))
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -30,26 +39,23 @@ pub fn init(config: &LogConfig) {
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(caps),
             )
             .try_init(),
     };
 }
 
-/// Targets whose finer levels log secrets, and the most they may log by default.
-const CAPPED: [(&str, &str); 2] = [("tokio_postgres", "info"), ("tungstenite", "debug")];
-
-fn filter(spec: &str) -> EnvFilter {
-    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    for (target, level) in CAPPED {
-        if spec.contains(target) {
-            continue;
-        }
-        if let Ok(directive) = format!("{target}={level}").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    filter
+/// Everything passes, but the capped targets only up to their cap. An event is logged
+/// when both RELAY_LOG and this allow it, so a cap never makes a target more verbose.
+fn caps(spec: &str) -> Targets {
+    CAPPED
+        .iter()
+        .filter(|(target, _)| !spec.contains(target))
+        .fold(
+            Targets::new().with_default(LevelFilter::TRACE),
+            |targets, (target, level)| targets.with_target(*target, *level),
+        )
 }
 
 #[cfg(test)]
@@ -57,12 +63,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statement_parameters_stay_out_of_debug_logs_unless_asked_for() {
-        assert!(filter("debug").to_string().contains("tokio_postgres=info"));
-        assert!(filter("trace").to_string().contains("tokio_postgres=info"));
-        assert!(filter("trace").to_string().contains("tungstenite=debug"));
-        assert!(!filter("debug,tokio_postgres=debug")
-            .to_string()
-            .contains("tokio_postgres=info"));
+    fn statement_parameters_and_messages_stay_out_of_logs_unless_asked_for() {
+        let caps = caps("trace");
+        assert!(!caps.would_enable("tokio_postgres::query", &Level::DEBUG));
+        assert!(caps.would_enable("tokio_postgres::query", &Level::INFO));
+        assert!(!caps.would_enable("tungstenite::protocol", &Level::TRACE));
+        assert!(caps.would_enable("rls_relay::ws::session", &Level::TRACE));
+        let asked = super::caps("info,tokio_postgres=debug");
+        assert!(asked.would_enable("tokio_postgres::query", &Level::DEBUG));
+        assert!(!asked.would_enable("tungstenite::protocol", &Level::TRACE));
     }
 }

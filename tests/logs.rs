@@ -237,3 +237,26 @@ fn strings(value: &Value, out: &mut Vec<String>) {
 fn bare(text: &str) -> String {
     text.chars().filter(|c| !matches!(c, '"' | '\\')).collect()
 }
+
+#[tokio::test]
+async fn at_the_default_level_nothing_below_info_is_logged() {
+    let db = TestDb::example().await;
+    let relay = Served::start(&db.url(), "info").await;
+    // A socket that the client closes: tungstenite logs its close reply at debug.
+    let mut socket = WsClient::wrap(WsClient::open(&relay.ws_url()).await);
+    socket
+        .send(json!({"type": "auth", "token": token("alice")}))
+        .await;
+    expect_welcome(&mut socket).await;
+    socket.subscribe_all().await;
+    socket.raw().close(None).await.unwrap();
+    while let Read::Message(_) = socket.read(PATIENCE).await {}
+    let lines = relay.stop().await;
+    for line in &lines {
+        let value: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            matches!(value["level"].as_str(), Some("INFO" | "WARN" | "ERROR")),
+            "{line}"
+        );
+    }
+}
