@@ -4,18 +4,26 @@ CARGO ?= cargo
 # Smaller target/ and faster links; backtraces keep line numbers.
 export CARGO_TERM_COLOR ?= always
 
-.PHONY: help test lint fmt run demo bench soak clean
+.PHONY: help test test-rust test-browser lint fmt run demo bench soak clean
 
 help:
 	@echo "make demo   - throwaway Postgres + example schema + trade simulator + page at http://127.0.0.1:8080/"
 	@echo "make test   - every test: unit, end-to-end against a real Postgres, browser"
+	@echo "              (make test-rust, make test-browser: one half)"
 	@echo "make lint   - rustfmt --check and clippy -D warnings"
 	@echo "make run    - rls-relay serve with the settings in .env"
 	@echo "make bench  - the benchmark (prints one table of ratios)"
 	@echo "make soak   - the randomized isolation test, longer, with new seeds"
 
-test:
+test: test-rust test-browser
+
+test-rust:
 	$(CARGO) test --all-targets --locked
+
+# Headless Chromium against `rls-relay demo`; installs Chromium (apt) and the npm
+# packages (npm ci) when missing. Screenshot and log in artifacts/.
+test-browser:
+	tests/browser/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -16,7 +16,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Relays Postgres row changes to WebSocket clients, each event only to the users \
              whose Row-Level Security policies let them see it.",
-    long_about = None
+    long_about = None,
+    after_help = "Start with `rls-relay demo`: it needs no configuration (a throwaway Postgres, \
+                  two users side by side at http://127.0.0.1:8080/).\n\
+                  Every setting of `serve` and `check` is a flag and an environment variable \
+                  (`rls-relay serve --help`); .env.example lists them with comments."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -172,9 +176,20 @@ pub struct JwtConfig {
     #[arg(long, env = "RELAY_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
-    /// JWKS file (keys selected by `kid`).
+    /// JWKS file (keys selected by `kid`), read once at start.
     #[arg(long, env = "RELAY_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
+
+    /// JWKS URL (keys selected by `kid`), fetched at start, again when a token names an
+    /// unknown `kid` or the keys are older than 10 minutes, at most once per
+    /// RELAY_JWT_JWKS_MIN_REFRESH.
+    #[arg(long, env = "RELAY_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Least time between two fetches of RELAY_JWT_JWKS_URL, so that tokens with made-up
+    /// `kid`s cannot make the relay hammer the identity provider.
+    #[arg(long, env = "RELAY_JWT_JWKS_MIN_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_jwks_min_refresh: Duration,
 
     /// Algorithm the configured key is for. Defaults: HS256 for a secret; read from the
     /// PEM for a public key.
@@ -254,12 +269,15 @@ pub struct DemoConfig {
     /// Address the demo serves on.
     #[arg(long, env = "RELAY_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
-    /// Trades per second of the simulator.
-    #[arg(long, env = "RELAY_DEMO_TRADES_PER_SECOND", default_value_t = 2.0)]
+    /// Trades per second of the simulator (each places or fills an order on one account).
+    #[arg(long, env = "RELAY_DEMO_TRADES_PER_SECOND", default_value_t = 2.0, value_parser = parse_rate)]
     pub trades_per_second: f64,
     /// Use this database instead of starting a throwaway Postgres (it must be empty).
     #[arg(long, env = "RELAY_DEMO_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
+    /// Lifetime of the tokens the demo page gets (short, so that refreshes show).
+    #[arg(long, env = "RELAY_DEMO_TOKEN_TTL", default_value = "2m", value_parser = parse_duration)]
+    pub token_ttl: Duration,
     #[command(flatten)]
     pub log: LogConfig,
 }
@@ -293,6 +311,14 @@ impl FromStr for Secret {
 
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw).map_err(|e| format!("{e} (examples: 500ms, 10s, 1h)"))
+}
+
+/// A rate: positive, finite, at most 1000 per second.
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 1000.0 => Ok(rate),
+        _ => Err("expected a number above 0 and at most 1000".into()),
+    }
 }
 
 /// A Postgres identifier used as a role or channel name: it ends up quoted in SQL text
@@ -345,6 +371,14 @@ mod tests {
         assert!(parse_setting_name("request.jwt.claims").is_ok());
         assert!(parse_setting_name("claims").is_err());
         assert!(parse_setting_name("a.b'c").is_err());
+    }
+
+    #[test]
+    fn rates_are_positive_and_finite() {
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+        for bad in ["0", "-1", "NaN", "inf", "1001", "fast"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!     ├─ visibility    "which credentials may these claims see?" asked of Postgres as the REST role; cached
 //!     └─ router::table credential → subscribed sockets that may see it; bounded queue per socket
 //!   ws                 /ws: JWT auth, protocol v1, replay on resume, close codes
-//!   http               /healthz /readyz /metrics
+//!   http               /healthz /readyz /metrics /client.js
+//!   demo               `rls-relay demo`: throwaway Postgres, simulator, the two-user page
 //! ```
 //!
 //! The relay never decides on its own who may see what: Postgres' policies answer, under
@@ -19,6 +20,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod metrics;

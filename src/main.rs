@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rls_relay::config::{Cli, Command};
-use rls_relay::{db, shutdown, startup, telemetry};
+use rls_relay::{db, demo, shutdown, startup, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -67,9 +67,12 @@ async fn main() -> ExitCode {
                 Err(error) => fail(&*error),
             }
         }
-        Command::Demo(_config) => {
-            eprintln!("rls-relay demo: not yet (see the demo issue)");
-            ExitCode::FAILURE
+        Command::Demo(config) => {
+            telemetry::init(&config.log);
+            match demo::run(config, shutdown::on_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&format!("{error:#}")),
+            }
         }
     }
 }

@@ -67,9 +67,60 @@ impl HistogramHandle {
     }
 }
 
+/// Label values known in advance. Their series are created at zero, so that they exist
+/// before the first occurrence: an alert on `rate(relay_deliveries_denied_total[5m]) > 0`
+/// needs the series to be there, and a dashboard shows 0 rather than "no data". Values not
+/// listed here still appear once they occur.
+const AUTHENTICATION_RESULTS: [&str; 6] = [
+    "ok",
+    "malformed",
+    "bad_signature",
+    "wrong_algorithm",
+    "expired",
+    "invalid_claims",
+];
+const DENIAL_REASONS: [&str; 3] = [
+    "ambiguous_visibility",
+    "visibility_unavailable",
+    "forbidden_subscription",
+];
+const CLOSE_REASONS: [&str; 5] = [
+    "shutdown",
+    "unauthorized",
+    "token_expired",
+    "slow_consumer",
+    "too_many_connections",
+];
+
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        let metrics = Self::default();
+        // Creating a series is touching it: `inc_by(0)`.
+        for result in AUTHENTICATION_RESULTS {
+            metrics
+                .authentications
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        for result in ["ok", "error"] {
+            metrics
+                .visibility_queries
+                .get_or_create(&ResultLabel { result })
+                .inc_by(0);
+        }
+        for reason in DENIAL_REASONS {
+            metrics
+                .deliveries_denied
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        for reason in CLOSE_REASONS {
+            metrics
+                .socket_closes
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(0);
+        }
+        Arc::new(metrics)
     }
 
     pub fn visibility_query(&self, elapsed: Duration, ok: bool) {
@@ -233,5 +284,18 @@ mod tests {
             "{text}"
         );
         assert_eq!(metrics.visibility_query_count(), 1);
+    }
+
+    #[test]
+    fn known_label_values_are_exported_at_zero_before_they_occur() {
+        let text = Metrics::new().render();
+        for line in [
+            "relay_authentications_total{result=\"bad_signature\"} 0",
+            "relay_deliveries_denied_total{reason=\"visibility_unavailable\"} 0",
+            "relay_socket_closes_total{reason=\"slow_consumer\"} 0",
+            "relay_visibility_queries_total{result=\"error\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Application {
     state: Arc<AppState>,
     router_task: tokio::task::JoinHandle<()>,
     shutdown_timeout: Duration,
+    /// Routes served beside the relay's own (the demo's page and controls).
+    extra_routes: Option<axum::Router>,
 }
 
 impl Application {
@@ -88,6 +90,7 @@ impl Application {
 
         let metrics = Metrics::new();
         let verifier = Arc::new(Verifier::from_config(&config.jwt)?);
+        verifier.prefetch().await;
         let pool = db::pool(&config.database.database_url, usize::from(config.pool_size))?;
         let visibility = VisibilityQuery::new(&config.visibility, metrics.clone());
         let timestamps = {
@@ -167,7 +170,18 @@ impl Application {
             state,
             router_task,
             shutdown_timeout: config.shutdown_timeout,
+            extra_routes: None,
         })
+    }
+
+    /// Serves `routes` beside the relay's own; `rls-relay demo` mounts its page and
+    /// controls this way, so that `serve` never has them.
+    pub fn with_routes(mut self, routes: axum::Router) -> Self {
+        self.extra_routes = Some(match self.extra_routes.take() {
+            Some(existing) => existing.merge(routes),
+            None => routes,
+        });
+        self
     }
 
     /// The bound port (useful when binding port 0).
@@ -204,7 +218,10 @@ impl Application {
             }
         });
         tracing::info!(port = self.port, "serving");
-        let app = http::app(self.state.clone());
+        let mut app = http::app(self.state.clone());
+        if let Some(extra) = self.extra_routes {
+            app = app.merge(extra);
+        }
         let stopped = shutdown.clone();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stopped.cancelled().await })

@@ -1,21 +1,23 @@
 //! Where verification keys come from: an HS256 secret, an RS256/ES256 PEM public key, or a
-//! JWKS (keys chosen by `kid`). Each key carries the one algorithm it may verify.
+//! JWKS file or URL (keys chosen by `kid`). Each key carries the one algorithm it may
+//! verify.
 
 use std::path::{Path, PathBuf};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Header};
 
+use super::jwks::RemoteJwks;
 use super::AuthError;
 use crate::config::{JwtAlgorithm, JwtConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error(
-        "no JWT key configured: set RELAY_JWT_SECRET (HS256), RELAY_JWT_PUBLIC_KEY_FILE (RS256/ES256) or RELAY_JWT_JWKS_FILE"
+        "no JWT key configured: set RELAY_JWT_SECRET (HS256), RELAY_JWT_PUBLIC_KEY_FILE (RS256/ES256), RELAY_JWT_JWKS_FILE or RELAY_JWT_JWKS_URL"
     )]
     NoneConfigured,
-    #[error("configure exactly one of RELAY_JWT_SECRET, RELAY_JWT_PUBLIC_KEY_FILE and RELAY_JWT_JWKS_FILE")]
+    #[error("configure exactly one of RELAY_JWT_SECRET, RELAY_JWT_PUBLIC_KEY_FILE, RELAY_JWT_JWKS_FILE and RELAY_JWT_JWKS_URL")]
     SeveralConfigured,
     #[error(
         "RELAY_JWT_SECRET is shorter than 32 bytes: HS256 secrets that short can be brute-forced"
@@ -32,6 +34,8 @@ pub enum KeyError {
     BadPem { path: PathBuf },
     #[error("{path} is not a JWKS document: {error}")]
     BadJwks { path: PathBuf, error: String },
+    #[error("RELAY_JWT_JWKS_URL {url:?} cannot be used: {why}")]
+    BadJwksUrl { url: String, why: String },
 }
 
 /// One usable key and the algorithm pinned to it.
@@ -46,6 +50,8 @@ pub enum KeySource {
     Single(PinnedKey),
     /// Keys by `kid`; a token without `kid` is accepted only when the set has one key.
     Jwks(Vec<(Option<String>, PinnedKey)>),
+    /// Keys by `kid` from a URL, refetched (at a bounded rate) on an unknown `kid`.
+    Remote(Box<RemoteJwks>),
 }
 
 impl KeySource {
@@ -54,6 +60,7 @@ impl KeySource {
             config.jwt_secret.is_some(),
             config.jwt_public_key_file.is_some(),
             config.jwt_jwks_file.is_some(),
+            config.jwt_jwks_url.is_some(),
         ]
         .iter()
         .filter(|&&set| set)
@@ -80,15 +87,40 @@ impl KeySource {
         if let Some(path) = &config.jwt_public_key_file {
             return Ok(Self::Single(pem_key(path, config.jwt_algorithm)?));
         }
+        // A JWKS pins each key to the algorithm it declares (or its type implies).
+        if config.jwt_algorithm == Some(JwtAlgorithm::Hs256) {
+            return Err(KeyError::AlgorithmMismatch("HS256"));
+        }
+        if let Some(url) = &config.jwt_jwks_url {
+            return Ok(Self::Remote(Box::new(RemoteJwks::new(
+                url,
+                config.jwt_jwks_min_refresh,
+            )?)));
+        }
         match &config.jwt_jwks_file {
             Some(path) => Ok(Self::Jwks(jwks_keys(path)?)),
             None => Err(KeyError::NoneConfigured),
         }
     }
 
+    /// Fetches remote keys once at start (a wrong URL shows in the log at once); a no-op
+    /// for the other sources.
+    pub async fn prefetch(&self) {
+        if let Self::Remote(remote) = self {
+            remote.prefetch().await;
+        }
+    }
+
     /// The key for a token's header, with the algorithm it is pinned to.
     pub async fn key_for(&self, header: &Header) -> Result<(DecodingKey, Algorithm), AuthError> {
         let pinned = match self {
+            Self::Remote(remote) => {
+                let pinned = remote
+                    .key(header.kid.as_deref())
+                    .await
+                    .ok_or(AuthError::UnknownKey)?;
+                return Ok((pinned.key, pinned.algorithm));
+            }
             Self::Single(pinned) => pinned,
             Self::Jwks(keys) => match &header.kid {
                 Some(kid) => keys

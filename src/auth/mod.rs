@@ -4,6 +4,7 @@
 //! present or configured, and the leeway is explicit (5 s by default, not the crate's 60).
 
 pub mod claims;
+pub mod jwks;
 pub mod keys;
 
 use std::sync::Arc;
@@ -86,6 +87,11 @@ impl Verifier {
             leeway: config.jwt_leeway,
             user_claim: config.user_claim.clone(),
         })
+    }
+
+    /// Fetches remote keys (JWKS URL) once, so that a wrong URL shows at start.
+    pub async fn prefetch(&self) {
+        self.keys.prefetch().await;
     }
 
     /// Clock skew tolerated on `exp`: a socket is closed this long after its token's `exp`.

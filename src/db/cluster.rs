@@ -98,6 +98,11 @@ impl LocalCluster {
         self.port
     }
 
+    /// The directory that holds the cluster (data, socket, log); deleted on drop.
+    pub fn directory(&self) -> &Path {
+        self.data_dir.parent().unwrap_or(&self.data_dir)
+    }
+
     /// Connection string for `database` as the superuser `postgres`.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)

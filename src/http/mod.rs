@@ -1,4 +1,6 @@
-//! The HTTP surface: `/ws`, `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP surface: `/ws`, `/healthz`, `/readyz`, `/metrics`, and `/client.js` (the
+//! browser client module). The demo adds its page and controls with
+//! [`crate::startup::Application::with_routes`]; `serve` never has them.
 
 use std::sync::Arc;
 
@@ -40,7 +42,23 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/client.js", get(client_js))
         .with_state(state)
+}
+
+/// The browser client (protocol v1: auth, refresh, reconnect, resume), a plain ES module.
+pub const CLIENT_JS: &str = include_str!("client.js");
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            // Cross-origin pages may import it (the relay often has its own host).
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_JS,
+    )
 }
 
 /// The process is alive and serving HTTP.

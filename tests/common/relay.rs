@@ -28,6 +28,8 @@ pub fn config(database_url: &str) -> ServeConfig {
             jwt_secret: Some(Secret::new(SECRET)),
             jwt_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_jwks_min_refresh: Duration::from_secs(30),
             jwt_algorithm: None,
             jwt_issuer: None,
             jwt_audience: Vec::new(),
