@@ -191,7 +191,10 @@ mod tests {
             jwt_secret: Some(Secret::new("a-test-secret-of-at-least-32-bytes!!")),
             jwt_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_url: None,
+            jwt_jwks_min_refresh: Duration::from_secs(30),
             jwt_algorithm: None,
+
             jwt_issuer: None,
             jwt_audience: Vec::new(),
             jwt_leeway: Duration::from_secs(5),
