@@ -76,3 +76,30 @@ async fn metrics_count_what_flows() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_closes_gets_the_close_handshake_back() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let db = TestDb::example().await;
+    let relay = TestRelay::start(&db.url()).await;
+    let mut alice = WsClient::connect(&relay, &token("alice")).await;
+    alice
+        .raw()
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), alice.raw().next())
+        .await
+        .expect("a reply to the close");
+    match reply {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the close handshake, got {other:?}"),
+    }
+}

@@ -63,6 +63,10 @@ pub(crate) async fn run<S>(
             state.metrics.socket_closed(reason.label());
             tracing::debug!(code = reason.code(), reason = %reason.text(), "closing");
             send_close(&mut socket, &reason).await;
+        } else {
+            // The client closed (or vanished): flush the close reply tungstenite queued,
+            // so a client that said goodbye sees its own code, not 1006.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
         }
     }
     .instrument(span)
