@@ -95,6 +95,12 @@ impl Database {
             ))
             .await
             .context("naive trigger function")?;
+        // Mean WAL flush time per burst: the disk's speed changes under other load, and
+        // every notifying commit waits for one flush.
+        admin
+            .batch_execute("alter system set track_wal_io_timing = on")
+            .await?;
+        admin.batch_execute("select pg_reload_conf()").await?;
         let server_version: String = admin
             .query_one("select current_setting('server_version')", &[])
             .await?
@@ -286,8 +292,8 @@ impl Database {
         let rows = self
             .admin
             .query(
-                "select id, credential_id, xid::text from relay.outbox
-                 where kind = 'event' and id > $1 order by id",
+                "select id, credential_id, xid::text, (extract(epoch from written_at) * 1000000)::int8
+                 from relay.outbox where kind = 'event' and id > $1 order by id",
                 &[&after],
             )
             .await?;
@@ -298,6 +304,7 @@ impl Database {
                     id: r.get(0),
                     credential: r.get(1),
                     xid: xid.parse().context("xid")?,
+                    written_micros: r.get(3),
                 })
             })
             .collect()
@@ -310,6 +317,15 @@ impl Database {
             .batch_execute("delete from relay.listeners")
             .await?;
         Ok(())
+    }
+
+    /// WAL flushes so far and the milliseconds they took (pg_stat_wal).
+    pub async fn wal_flushes(&self) -> anyhow::Result<(i64, f64)> {
+        let row = self
+            .admin
+            .query_one("select wal_sync, wal_sync_time from pg_stat_wal", &[])
+            .await?;
+        Ok((row.get(0), row.get(1)))
     }
 
     pub async fn listeners(&self) -> anyhow::Result<i64> {
@@ -326,7 +342,89 @@ pub struct OutboxEvent {
     pub id: i64,
     pub credential: String,
     pub xid: u64,
+    /// When the trigger wrote it (microseconds since the epoch; the commit follows
+    /// within a flush).
+    pub written_micros: i64,
 }
+
+/// Samples what the writers' backends are doing (`pg_stat_activity`) every 20 ms, from a
+/// connection of its own, until stopped: where the write path's time goes.
+pub struct WaitSampler {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<HashMap<String, u64>>,
+}
+
+impl WaitSampler {
+    pub async fn start(url: &str) -> anyhow::Result<Self> {
+        let client = connect(url).await?;
+        let statement = client
+            .prepare(&format!(
+                "select case when state = 'idle' then 'ClientRead (between transactions)'
+                             when wait_event is null then 'CPU'
+                             else wait_event_type || ':' || wait_event end, count(*)
+                 from pg_stat_activity where application_name = '{WRITER_APPLICATION_NAME}'
+                 group by 1"
+            ))
+            .await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut counts = HashMap::new();
+            let mut ticks = tokio::time::interval(std::time::Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let Ok(rows) = client.query(&statement, &[]).await else {
+                    break;
+                };
+                for row in rows {
+                    let state: String = row.get(0);
+                    *counts.entry(state).or_insert(0) += row.get::<_, i64>(1) as u64;
+                }
+            }
+            counts
+        });
+        Ok(Self { stop, task })
+    }
+
+    pub async fn stop(self) -> Waits {
+        self.stop.cancel();
+        Waits(self.task.await.unwrap_or_default())
+    }
+}
+
+/// Samples of the writers' backends by state or wait event.
+#[derive(Clone, Debug, Default)]
+pub struct Waits(pub HashMap<String, u64>);
+
+impl Waits {
+    /// `Lock:object 89%, IO:WALSync 5%, CPU 3%`
+    pub fn top(&self, n: usize) -> String {
+        let total: u64 = self.0.values().sum();
+        if total == 0 {
+            return "—".into();
+        }
+        let mut entries: Vec<(&String, &u64)> = self.0.iter().collect();
+        entries.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        entries
+            .iter()
+            .take(n)
+            .map(|(k, v)| format!("{k} {:.0}%", **v as f64 * 100.0 / total as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn merge(&mut self, other: &Waits) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+}
+
+/// `application_name` of the writers' connections, which the sampler looks for.
+pub const WRITER_APPLICATION_NAME: &str = "bench-writer";
 
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)

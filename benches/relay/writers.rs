@@ -19,7 +19,7 @@ use anyhow::Context;
 use tokio::runtime::{Handle, Runtime};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::database::Target;
+use crate::database::{Target, WRITER_APPLICATION_NAME};
 
 const FILL: &str = "
 with o as (
@@ -53,9 +53,10 @@ pub struct Writers {
 pub struct MaxRate {
     /// Commits per second after the warm-up.
     pub commits_per_second: f64,
-    /// Wall-clock bounds of the whole burst (microseconds since the epoch).
-    pub started_micros: i64,
+    /// When the writers stopped (microseconds since the epoch)...
     pub stopped_micros: i64,
+    /// ...and of the counted part, after the warm-up.
+    pub window: (i64, i64),
 }
 
 /// A fixed-rate phase: each commit's transaction id and commit time.
@@ -78,9 +79,10 @@ impl Writers {
                 .filter(|t| t.credential_index % count == index)
                 .cloned()
                 .collect();
-            let url = url.to_owned();
+            let mut config: tokio_postgres::Config = url.parse()?;
+            config.application_name(WRITER_APPLICATION_NAME);
             let writer = runtime.spawn(async move {
-                let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+                let (client, connection) = config.connect(NoTls).await?;
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -115,7 +117,6 @@ impl Writers {
     pub async fn max_rate(&self, duration: Duration, warmup: Duration) -> anyhow::Result<MaxRate> {
         let stop = Arc::new(AtomicBool::new(false));
         let commits = Arc::new(AtomicU64::new(0));
-        let started_micros = now_micros();
         let started = Instant::now();
         let tasks: Vec<_> = self
             .writers
@@ -136,8 +137,10 @@ impl Writers {
             .collect();
         tokio::time::sleep(warmup).await;
         let (counted_from, at) = (commits.load(Ordering::Relaxed), Instant::now());
+        let window_start = now_micros();
         tokio::time::sleep_until((started + duration).into()).await;
         let (counted_to, until) = (commits.load(Ordering::Relaxed), Instant::now());
+        let window_end = now_micros();
         stop.store(true, Ordering::Relaxed);
         for task in tasks {
             task.await.context("writer panicked")??;
@@ -145,8 +148,8 @@ impl Writers {
         Ok(MaxRate {
             commits_per_second: (counted_to - counted_from) as f64
                 / until.duration_since(at).as_secs_f64(),
-            started_micros,
             stopped_micros: now_micros(),
+            window: (window_start, window_end),
         })
     }
 
