@@ -347,11 +347,13 @@ pub struct OutboxEvent {
     pub written_micros: i64,
 }
 
-/// Samples what the writers' backends are doing (`pg_stat_activity`) every 20 ms, from a
-/// connection of its own, until stopped: where the write path's time goes.
+/// Samples what the writers' backends and the relay's outbox reader (its listener
+/// connection) are doing (`pg_stat_activity`) every 20 ms, from a connection of its own,
+/// until stopped: where the write path's and the read path's time goes. Parallel query
+/// workers are counted with the reader.
 pub struct WaitSampler {
     stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<HashMap<String, u64>>,
+    task: tokio::task::JoinHandle<(Waits, Waits)>,
 }
 
 impl WaitSampler {
@@ -359,17 +361,23 @@ impl WaitSampler {
         let client = connect(url).await?;
         let statement = client
             .prepare(&format!(
-                "select case when state = 'idle' then 'ClientRead (between transactions)'
+                "select backend_type = 'parallel worker' or application_name = '{LISTENER}',
+                        case when backend_type = 'parallel worker' then 'parallel query worker'
+                             when state = 'idle' then 'ClientRead (idle)'
+                             when state like 'idle in transaction%' then 'ClientRead (in a transaction)'
                              when wait_event is null then 'CPU'
                              else wait_event_type || ':' || wait_event end, count(*)
-                 from pg_stat_activity where application_name = '{WRITER_APPLICATION_NAME}'
-                 group by 1"
+                 from pg_stat_activity
+                 where application_name in ('{WRITER_APPLICATION_NAME}', '{LISTENER}')
+                    or backend_type = 'parallel worker'
+                 group by 1, 2",
+                LISTENER = rls_relay::db::LISTENER_APPLICATION_NAME,
             ))
             .await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
-            let mut counts = HashMap::new();
+            let (mut writers, mut reader) = (Waits::default(), Waits::default());
             let mut ticks = tokio::time::interval(std::time::Duration::from_millis(20));
             loop {
                 tokio::select! {
@@ -380,18 +388,22 @@ impl WaitSampler {
                     break;
                 };
                 for row in rows {
-                    let state: String = row.get(0);
-                    *counts.entry(state).or_insert(0) += row.get::<_, i64>(1) as u64;
+                    let is_reader: bool = row.get(0);
+                    let state: String = row.get(1);
+                    let count = row.get::<_, i64>(2) as u64;
+                    let waits = if is_reader { &mut reader } else { &mut writers };
+                    *waits.0.entry(state).or_insert(0) += count;
                 }
             }
-            counts
+            (writers, reader)
         });
         Ok(Self { stop, task })
     }
 
-    pub async fn stop(self) -> Waits {
+    /// The writers' samples and the relay reader's.
+    pub async fn stop(self) -> (Waits, Waits) {
         self.stop.cancel();
-        Waits(self.task.await.unwrap_or_default())
+        self.task.await.unwrap_or_default()
     }
 }
 

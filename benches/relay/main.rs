@@ -96,8 +96,10 @@ impl Progress {
 struct Burst {
     commits_per_second: f64,
     cpu: CpuUse,
-    /// What the writers' backends were doing, sampled.
+    /// What the writers' backends were doing, sampled...
     waits: Waits,
+    /// ...and the relay's outbox reader.
+    reader_waits: Waits,
     wal_flushes_per_second: f64,
     wal_flush_ms: f64,
 }
@@ -125,7 +127,7 @@ impl Probe {
         commits_per_second: f64,
     ) -> anyhow::Result<Burst> {
         let cpu = CpuSample::take(db.postmaster_pid, relay);
-        let waits = self.sampler.stop().await;
+        let (waits, reader_waits) = self.sampler.stop().await;
         let wal = db.wal_flushes().await?;
         let flushes = (wal.0 - self.wal.0).max(0) as f64;
         let seconds = match (self.cpu.at, cpu.at) {
@@ -136,6 +138,7 @@ impl Probe {
             commits_per_second,
             cpu: CpuUse::between(&self.cpu, &cpu, process::clock_ticks_per_second()),
             waits,
+            reader_waits,
             wal_flushes_per_second: flushes / seconds,
             wal_flush_ms: if flushes > 0.0 {
                 (wal.1 - self.wal.1) / flushes
@@ -1001,19 +1004,20 @@ fn render(
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "| Burst | Postgres | Relay | Benchmark (writers + clients) | Postgres CPU per commit | WAL flushes/s, mean flush | Writers' backends (sampled) | Relay CPU per event / per socket message | Wake-ups (NOTIFYs received) / outbox reads per s |"
+        "| Burst | Postgres | Relay | Benchmark (writers + clients) | Postgres CPU per commit | WAL flushes/s, mean flush | Writers' backends (sampled) | Relay's outbox reader (sampled) | Relay CPU per event / per socket message | Wake-ups (NOTIFYs received) / outbox reads per s |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
     let cores = |bursts: Vec<&Burst>| {
         let pick = |f: &dyn Fn(&Burst) -> f64| {
             Spread::of(&bursts.iter().map(|b| f(b)).collect::<Vec<_>>()).median
         };
-        let mut waits = Waits::default();
+        let (mut waits, mut reader) = (Waits::default(), Waits::default());
         for burst in &bursts {
             waits.merge(&burst.waits);
+            reader.merge(&burst.reader_waits);
         }
         format!(
-            "{:.2} | {:.2} | {:.2} | {:.0} µs | {} /s, {:.2} ms | {}",
+            "{:.2} | {:.2} | {:.2} | {:.0} µs | {} /s, {:.2} ms | {} | {}",
             pick(&|b| b.cpu.postgres),
             pick(&|b| b.cpu.relay),
             pick(&|b| b.cpu.bench),
@@ -1021,6 +1025,7 @@ fn render(
             thousands(pick(&|b| b.wal_flushes_per_second)),
             pick(&|b| b.wal_flush_ms),
             waits.top(3),
+            reader.top(3),
         )
     };
     for (name, bursts) in [("no trigger", no_trigger), ("naive pg_notify", naive)] {
