@@ -319,13 +319,17 @@ impl Database {
         Ok(())
     }
 
-    /// WAL flushes so far and the milliseconds they took (pg_stat_wal).
-    pub async fn wal_flushes(&self) -> anyhow::Result<(i64, f64)> {
+    /// WAL flushes so far, the milliseconds they took, and the bytes written
+    /// (pg_stat_wal).
+    pub async fn wal_stats(&self) -> anyhow::Result<(i64, f64, i64)> {
         let row = self
             .admin
-            .query_one("select wal_sync, wal_sync_time from pg_stat_wal", &[])
+            .query_one(
+                "select wal_sync, wal_sync_time, wal_bytes::int8 from pg_stat_wal",
+                &[],
+            )
             .await?;
-        Ok((row.get(0), row.get(1)))
+        Ok((row.get(0), row.get(1), row.get(2)))
     }
 
     pub async fn listeners(&self) -> anyhow::Result<i64> {

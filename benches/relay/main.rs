@@ -95,6 +95,8 @@ impl Progress {
 #[derive(Clone, Debug, Default)]
 struct Burst {
     commits_per_second: f64,
+    /// All commits, warm-up included (for per-commit costs).
+    commits: u64,
     cpu: CpuUse,
     /// What the writers' backends were doing, sampled...
     waits: Waits,
@@ -102,12 +104,13 @@ struct Burst {
     reader_waits: Waits,
     wal_flushes_per_second: f64,
     wal_flush_ms: f64,
+    wal_bytes: f64,
 }
 
 /// Samplers running during a burst.
 struct Probe {
     sampler: WaitSampler,
-    wal: (i64, f64),
+    wal: (i64, f64, i64),
     cpu: CpuSample,
 }
 
@@ -115,7 +118,7 @@ impl Probe {
     async fn start(db: &Database, relay: Option<u32>) -> anyhow::Result<Self> {
         Ok(Self {
             sampler: WaitSampler::start(&db.url).await?,
-            wal: db.wal_flushes().await?,
+            wal: db.wal_stats().await?,
             cpu: CpuSample::take(db.postmaster_pid, relay),
         })
     }
@@ -124,22 +127,24 @@ impl Probe {
         self,
         db: &Database,
         relay: Option<u32>,
-        commits_per_second: f64,
+        result: &writers::MaxRate,
     ) -> anyhow::Result<Burst> {
         let cpu = CpuSample::take(db.postmaster_pid, relay);
         let (waits, reader_waits) = self.sampler.stop().await;
-        let wal = db.wal_flushes().await?;
+        let wal = db.wal_stats().await?;
         let flushes = (wal.0 - self.wal.0).max(0) as f64;
         let seconds = match (self.cpu.at, cpu.at) {
             (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(1e-9),
             _ => 1.0,
         };
         Ok(Burst {
-            commits_per_second,
+            commits_per_second: result.commits_per_second,
+            commits: result.commits,
             cpu: CpuUse::between(&self.cpu, &cpu, process::clock_ticks_per_second()),
             waits,
             reader_waits,
             wal_flushes_per_second: flushes / seconds,
+            wal_bytes: (wal.2 - self.wal.2).max(0) as f64,
             wal_flush_ms: if flushes > 0.0 {
                 (wal.1 - self.wal.1) / flushes
             } else {
@@ -482,7 +487,7 @@ async fn plain_burst(db: &Database, writers: &Writers, options: &Options) -> any
     db.checkpoint().await?;
     let probe = Probe::start(db, None).await?;
     let result = writers.max_rate(options.burst, options.warmup).await?;
-    probe.finish(db, None, result.commits_per_second).await
+    probe.finish(db, None, &result).await
 }
 
 /// Writers flat out with the relay delivering to every socket; then a check of every
@@ -524,9 +529,7 @@ async fn relay_burst(
     if let Some(perf) = perf.as_mut() {
         let _ = perf.wait();
     }
-    let burst = probe
-        .finish(db, Some(relay.pid()), result.commits_per_second)
-        .await?;
+    let burst = probe.finish(db, Some(relay.pid()), &result).await?;
     let events = db.events_after(start_id).await?;
     let expected = Expected::new(&events, &db.visible);
     fleet
@@ -1004,9 +1007,9 @@ fn render(
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "| Burst | Postgres | Relay | Benchmark (writers + clients) | Postgres CPU per commit | WAL flushes/s, mean flush | Writers' backends (sampled) | Relay's outbox reader (sampled) | Relay CPU per event / per socket message | Wake-ups (NOTIFYs received) / outbox reads per s |"
+        "| Burst | Postgres | Relay | Benchmark (writers + clients) | Postgres CPU per commit | WAL per commit | WAL flushes/s, mean flush | Writers' backends (sampled) | Relay's outbox reader (sampled) | Relay CPU per event / per socket message | Wake-ups (NOTIFYs received) / outbox reads per s |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
     let cores = |bursts: Vec<&Burst>| {
         let pick = |f: &dyn Fn(&Burst) -> f64| {
             Spread::of(&bursts.iter().map(|b| f(b)).collect::<Vec<_>>()).median
@@ -1017,11 +1020,12 @@ fn render(
             reader.merge(&burst.reader_waits);
         }
         format!(
-            "{:.2} | {:.2} | {:.2} | {:.0} µs | {} /s, {:.2} ms | {} | {}",
+            "{:.2} | {:.2} | {:.2} | {:.0} µs | {} B | {} /s, {:.2} ms | {} | {}",
             pick(&|b| b.cpu.postgres),
             pick(&|b| b.cpu.relay),
             pick(&|b| b.cpu.bench),
             pick(&|b| b.cpu.postgres * 1e6 / b.commits_per_second.max(1e-9)),
+            thousands(pick(&|b| b.wal_bytes / b.commits.max(1) as f64)),
             thousands(pick(&|b| b.wal_flushes_per_second)),
             pick(&|b| b.wal_flush_ms),
             waits.top(3),

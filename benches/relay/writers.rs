@@ -53,6 +53,8 @@ pub struct Writers {
 pub struct MaxRate {
     /// Commits per second after the warm-up.
     pub commits_per_second: f64,
+    /// All commits of the burst, warm-up included.
+    pub commits: u64,
     /// When the writers stopped (microseconds since the epoch)...
     pub stopped_micros: i64,
     /// ...and of the counted part, after the warm-up.
@@ -148,6 +150,7 @@ impl Writers {
         Ok(MaxRate {
             commits_per_second: (counted_to - counted_from) as f64
                 / until.duration_since(at).as_secs_f64(),
+            commits: commits.load(Ordering::Relaxed),
             stopped_micros: now_micros(),
             window: (window_start, window_end),
         })
