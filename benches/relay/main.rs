@@ -29,6 +29,7 @@ mod writers;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -292,7 +293,7 @@ async fn run(options: Options) -> anyhow::Result<String> {
     let mut no_trigger: Vec<Burst> = Vec::new();
     let mut naive: Vec<Burst> = Vec::new();
     let mut modes: HashMap<&'static str, ModeResults> = HashMap::new();
-    let mut per_round_ratio: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let mut per_round_ratio: HashMap<String, Vec<f64>> = HashMap::new();
     let order = [
         Kind::NoTrigger,
         Kind::Naive,
@@ -331,77 +332,20 @@ async fn run(options: Options) -> anyhow::Result<String> {
                     }
                 }
                 Kind::Relay(mode) => {
-                    db.set_triggers(Triggers::Relay).await?;
-                    db.forget_listeners().await?;
-                    let relay = RelayProcess::start(&RelaySettings {
-                        database_url: db.url.clone(),
-                        wakeup: mode,
-                        max_connections_per_user: options.sockets_per_user.max(32),
-                        log_path: work_dir.join(format!("relay-{}-{round}.log", label(kind))),
-                    })
-                    .await?;
-                    let fleet = Fleet::connect(
-                        relay.addr,
-                        &fleet_users,
-                        &tokens,
-                        options.connect_concurrency,
-                    )
-                    .await
-                    .context("connecting the sockets")?;
-                    let listeners = db.listeners().await?;
-                    if listeners != 1 {
-                        bail!("{listeners} relays registered in relay.listeners, expected this one only");
-                    }
-                    let results = modes.entry(label(kind)).or_default();
-                    results.rss_kib_1000.push(relay.rss_kib()?);
-                    let steady_from = relay.metrics().await?;
-                    let profile = std::env::var_os("BENCH_PERF")
-                        .filter(|_| round == 0 && mode == WakeupMode::Adaptive);
-                    let delivery = relay_burst(
-                        &db,
-                        &writers,
-                        &fleet,
-                        &relay,
-                        &options,
+                    let session = Session {
+                        db: &db,
+                        writers: &writers,
+                        bare: &bare,
+                        tokens: &tokens,
+                        fleet_users: &fleet_users,
+                        options: &options,
+                        progress: &progress,
                         ticks,
-                        profile.as_deref(),
-                    )
-                    .await?;
-                    progress.say(format!(
-                        "round {}/{}: {:<10} {:>7} commits/s; {} events, {} events/s delivered, {} socket messages/s; {}",
-                        round + 1,
-                        options.rounds,
-                        label(kind),
-                        thousands(delivery.burst.commits_per_second),
-                        thousands(delivery.events as f64),
-                        thousands(delivery.delivered_events_per_second),
-                        thousands(delivery.socket_messages_per_second),
-                        delivery.check.summary()
-                    ));
-                    this_round.insert(label(kind), delivery.burst.commits_per_second);
-                    results.deliveries.push(delivery);
-                    if round == 0 {
-                        let latency =
-                            latency_phase(&db, &writers, &fleet, &bare, &relay, &options).await?;
-                        progress.say(format!(
-                            "latency at {} tx/s, {}: relay {}, bare LISTEN {}; {}",
-                            thousands(latency.rate),
-                            label(kind),
-                            latency.relay.millis(),
-                            latency.bare.millis(),
-                            latency.check.summary()
-                        ));
-                        results.latency = Some(latency);
-                    }
-                    let steady_to = relay.metrics().await?;
-                    results.visibility_queries +=
-                        steady_to.delta(&steady_from, "relay_visibility_queries_total");
-                    results.events_in += steady_to.delta(&steady_from, "relay_events_in_total");
-                    results.deliveries_total +=
-                        steady_to.delta(&steady_from, "relay_deliveries_total");
-                    fleet.close().await;
-                    relay.stop().await?;
-                    db.forget_listeners().await?;
+                    };
+                    let log_path = work_dir.join(format!("relay-{}-{round}.log", label(kind)));
+                    let results = modes.entry(label(kind)).or_default();
+                    let rate = session.run(mode, round, log_path, results).await?;
+                    this_round.insert(label(kind), rate);
                 }
             }
         }
@@ -410,19 +354,11 @@ async fn run(options: Options) -> anyhow::Result<String> {
         for mode in ["adaptive", "notify"] {
             if let Some(rate) = this_round.get(mode) {
                 per_round_ratio
-                    .entry(if mode == "adaptive" {
-                        "adaptive/none"
-                    } else {
-                        "notify/none"
-                    })
+                    .entry(format!("{mode}/none"))
                     .or_default()
                     .push(rate / base);
                 per_round_ratio
-                    .entry(if mode == "adaptive" {
-                        "adaptive/naive"
-                    } else {
-                        "notify/naive"
-                    })
+                    .entry(format!("{mode}/naive"))
                     .or_default()
                     .push(rate / naive_rate);
             }
@@ -456,6 +392,101 @@ async fn run(options: Options) -> anyhow::Result<String> {
         &per_round_ratio,
         &idle,
     ))
+}
+
+/// One relay session: a fresh relay process in `mode`, the sockets, a burst checked
+/// socket by socket, in the first round the latency phase, and the steady-state counters.
+struct Session<'a> {
+    db: &'a Database,
+    writers: &'a Writers,
+    bare: &'a BareListener,
+    tokens: &'a [String],
+    fleet_users: &'a [usize],
+    options: &'a Options,
+    progress: &'a Progress,
+    ticks: f64,
+}
+
+impl Session<'_> {
+    /// Returns the burst's commits/s.
+    async fn run(
+        &self,
+        mode: WakeupMode,
+        round: usize,
+        log_path: PathBuf,
+        results: &mut ModeResults,
+    ) -> anyhow::Result<f64> {
+        let (db, options) = (self.db, self.options);
+        let name = label(Kind::Relay(mode));
+        db.set_triggers(Triggers::Relay).await?;
+        db.forget_listeners().await?;
+        let relay = RelayProcess::start(&RelaySettings {
+            database_url: db.url.clone(),
+            wakeup: mode,
+            max_connections_per_user: options.sockets_per_user.max(32),
+            log_path,
+        })
+        .await?;
+        let fleet = Fleet::connect(
+            relay.addr,
+            self.fleet_users,
+            self.tokens,
+            options.connect_concurrency,
+        )
+        .await
+        .context("connecting the sockets")?;
+        let listeners = db.listeners().await?;
+        if listeners != 1 {
+            bail!("{listeners} relays registered in relay.listeners, expected this one only");
+        }
+        results.rss_kib_1000.push(relay.rss_kib()?);
+        let steady_from = relay.metrics().await?;
+        let profile =
+            std::env::var_os("BENCH_PERF").filter(|_| round == 0 && mode == WakeupMode::Adaptive);
+        let delivery = relay_burst(
+            db,
+            self.writers,
+            &fleet,
+            &relay,
+            options,
+            self.ticks,
+            profile.as_deref(),
+        )
+        .await?;
+        self.progress.say(format!(
+            "round {}/{}: {name:<10} {:>7} commits/s; {} events, {} events/s delivered, {} socket messages/s; {}",
+            round + 1,
+            options.rounds,
+            thousands(delivery.burst.commits_per_second),
+            thousands(delivery.events as f64),
+            thousands(delivery.delivered_events_per_second),
+            thousands(delivery.socket_messages_per_second),
+            delivery.check.summary()
+        ));
+        let rate = delivery.burst.commits_per_second;
+        results.deliveries.push(delivery);
+        if round == 0 {
+            let latency =
+                latency_phase(db, self.writers, &fleet, self.bare, &relay, options).await?;
+            self.progress.say(format!(
+                "latency at {} tx/s, {name}: relay {}, bare LISTEN {}; {}",
+                thousands(latency.rate),
+                latency.relay.millis(),
+                latency.bare.millis(),
+                latency.check.summary()
+            ));
+            results.latency = Some(latency);
+        }
+        let steady_to = relay.metrics().await?;
+        results.visibility_queries +=
+            steady_to.delta(&steady_from, "relay_visibility_queries_total");
+        results.events_in += steady_to.delta(&steady_from, "relay_events_in_total");
+        results.deliveries_total += steady_to.delta(&steady_from, "relay_deliveries_total");
+        fleet.close().await;
+        relay.stop().await?;
+        db.forget_listeners().await?;
+        Ok(rate)
+    }
 }
 
 fn label(kind: Kind) -> &'static str {
@@ -803,7 +834,7 @@ fn render(
     no_trigger: &[Burst],
     naive: &[Burst],
     modes: &HashMap<&'static str, ModeResults>,
-    per_round_ratio: &HashMap<&'static str, Vec<f64>>,
+    per_round_ratio: &HashMap<String, Vec<f64>>,
     idle: &Idle,
 ) -> String {
     let rates = |bursts: &[Burst]| {
