@@ -4,32 +4,36 @@
 //! server-wide lock held through the WAL flush), so under many concurrent writers a
 //! NOTIFY per transaction caps the whole database at about one commit per disk flush.
 //!
-//! `notify` mode: writers always NOTIFY; the router reads on each wake-up. Lowest latency
-//! at low rates, and the lock's cost under load.
+//! `notify` mode: writers always NOTIFY; the router reads on each wake-up.
 //!
-//! `adaptive` mode (default): writers NOTIFY only while this relay is *idle*. When a read
-//! finds several transactions at once, the relay turns *busy*: it clears its flag in
-//! `relay.listeners` and reads continuously every [`BUSY_INTERVAL`], so busy writers never
-//! touch the lock. After [`LINGER`] without events it sets the flag again and goes back to
-//! waiting. The race at that switch (a writer that saw "busy" commits after the last read)
-//! is closed by re-reading every [`RECHECK_INTERVAL`] until every transaction that was
-//! running when the flag was set has finished. Worst-case latency is therefore bounded by
-//! the busy interval, the recheck interval, or at most [`IDLE_POLL`] should a wake-up be
-//! lost some other way.
+//! `adaptive` mode (default): the relay measures the rate of committing transactions it
+//! reads (an exponential moving average). Below [`BUSY_RATE`] it is *idle*: writers NOTIFY
+//! and each wake-up triggers a read, which is the lowest latency there is, and at such
+//! rates the commit lock costs writers little. Above it the relay turns *busy*: it clears
+//! its flag in `relay.listeners`, writers stop notifying (and stay off the lock), and the
+//! relay reads continuously every [`BUSY_INTERVAL`]. Once the rate stays below
+//! [`IDLE_RATE`] for [`LINGER`] it sets the flag again. The race at that switch (a writer
+//! that saw "busy" commits after the last read) is closed by re-reading every
+//! [`RECHECK_INTERVAL`] until every transaction that was running when the flag was set has
+//! finished. Worst-case latency is therefore bounded by the busy interval, the recheck
+//! interval, or at most [`IDLE_POLL`] should a wake-up be lost some other way.
 
 use std::time::{Duration, Instant};
 
 use crate::config::WakeupMode;
 use crate::db::snapshot::Snapshot;
 
-/// Transactions in one read that make an idle relay busy.
-pub const BUSY_TRANSACTIONS: usize = 3;
-/// Pause between reads while busy and events keep coming.
-pub const BUSY_INTERVAL: Duration = Duration::from_millis(2);
-/// Pause between reads while busy and the last read was empty.
-pub const BUSY_EMPTY_INTERVAL: Duration = Duration::from_millis(5);
-/// How long a busy relay keeps reading without events before it goes idle.
-pub const LINGER: Duration = Duration::from_millis(250);
+/// Committing transactions per second above which the relay turns busy.
+pub const BUSY_RATE: f64 = 300.0;
+/// ... and below which (for [`LINGER`]) it turns idle again.
+pub const IDLE_RATE: f64 = 150.0;
+/// Time constant of the rate's moving average.
+const RATE_TIME_CONSTANT: Duration = Duration::from_millis(250);
+/// Pause between reads while busy: long enough for batches to carry many events, short
+/// enough to bound the latency under load.
+pub const BUSY_INTERVAL: Duration = Duration::from_millis(5);
+/// How long the rate must stay low before a busy relay goes idle.
+pub const LINGER: Duration = Duration::from_millis(500);
 /// Re-read interval while transactions that may have missed the idle flag still run.
 pub const RECHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// An idle relay reads at least this often (also its connection heartbeat).
@@ -51,11 +55,30 @@ pub enum FlagChange {
     Idle,
 }
 
+/// Transactions per second, as an exponential moving average over reads.
+#[derive(Debug)]
+struct Rate {
+    per_second: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn observe(&mut self, now: Instant, transactions: usize) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let tau = RATE_TIME_CONSTANT.as_secs_f64();
+        self.per_second = self.per_second * (-elapsed / tau).exp() + transactions as f64 / tau;
+        self.at = now;
+        self.per_second
+    }
+}
+
 #[derive(Debug)]
 pub struct WakeupPolicy {
     mode: WakeupMode,
     busy: bool,
-    last_events: Instant,
+    rate: Rate,
+    /// Since when the rate has been below [`IDLE_RATE`] while busy.
+    calm_since: Option<Instant>,
     /// Set when the idle flag was just written: the next read's running transactions are
     /// the ones that may not have seen it.
     flag_just_set: bool,
@@ -67,15 +90,11 @@ impl WakeupPolicy {
         Self {
             mode,
             busy: false,
-            last_events: now,
+            rate: Rate { per_second: 0.0, at: now },
+            calm_since: None,
             flag_just_set: false,
             unsure: Vec::new(),
         }
-    }
-
-    /// The flag value a new connection registers with.
-    pub fn initially_idle(&self) -> bool {
-        !self.busy
     }
 
     pub fn is_busy(&self) -> bool {
@@ -84,30 +103,26 @@ impl WakeupPolicy {
 
     /// Decides after a read that found `transactions` committed transactions, in
     /// `snapshot`.
-    pub fn after_read(
-        &mut self,
-        now: Instant,
-        transactions: usize,
-        snapshot: &Snapshot,
-    ) -> (Next, Option<FlagChange>) {
-        if transactions > 0 {
-            self.last_events = now;
-        }
+    pub fn after_read(&mut self, now: Instant, transactions: usize, snapshot: &Snapshot) -> (Next, Option<FlagChange>) {
+        let rate = self.rate.observe(now, transactions);
         if self.mode == WakeupMode::Notify {
             return (Next::WaitUntil(now + IDLE_POLL), None);
         }
         if self.busy {
-            if transactions > 0 {
+            if rate >= IDLE_RATE {
+                self.calm_since = None;
                 return (Next::ReadAt(now + BUSY_INTERVAL), None);
             }
-            if now.duration_since(self.last_events) < LINGER {
-                return (Next::ReadAt(now + BUSY_EMPTY_INTERVAL), None);
+            let calm_since = *self.calm_since.get_or_insert(now);
+            if now.duration_since(calm_since) < LINGER {
+                return (Next::ReadAt(now + BUSY_INTERVAL), None);
             }
             self.busy = false;
+            self.calm_since = None;
             self.flag_just_set = true;
             return (Next::ReadAt(now), Some(FlagChange::Idle));
         }
-        if transactions >= BUSY_TRANSACTIONS {
+        if rate >= BUSY_RATE {
             self.busy = true;
             self.unsure.clear();
             self.flag_just_set = false;
@@ -135,6 +150,17 @@ mod tests {
         Snapshot::parse(text).expect("valid")
     }
 
+    /// Feeds reads of `per_read` transactions every `every` for `for_how_long`.
+    fn feed(policy: &mut WakeupPolicy, start: Instant, every: Duration, per_read: usize, for_how_long: Duration) -> (Instant, Vec<Option<FlagChange>>) {
+        let mut now = start;
+        let mut flags = Vec::new();
+        while now < start + for_how_long {
+            now += every;
+            flags.push(policy.after_read(now, per_read, &snapshot("10:10:")).1);
+        }
+        (now, flags)
+    }
+
     #[test]
     fn notify_mode_always_waits_for_a_notify() {
         let now = Instant::now();
@@ -148,30 +174,28 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_mode_turns_busy_under_load_and_idle_after_the_linger() {
+    fn a_moderate_rate_stays_on_notify_wake_ups() {
         let start = Instant::now();
         let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
-        let quiet = snapshot("10:10:");
-        assert_eq!(
-            policy.after_read(start, 1, &quiet),
-            (Next::WaitUntil(start + IDLE_POLL), None)
-        );
-        let (next, flag) = policy.after_read(start, BUSY_TRANSACTIONS, &quiet);
-        assert_eq!(
-            (next, flag),
-            (Next::ReadAt(start + BUSY_INTERVAL), Some(FlagChange::Busy))
-        );
-        let soon = start + Duration::from_millis(10);
-        assert_eq!(
-            policy.after_read(soon, 0, &quiet).1,
-            None,
-            "lingers while recently busy"
-        );
-        let later = start + LINGER + Duration::from_millis(1);
-        assert_eq!(
-            policy.after_read(later, 0, &quiet),
-            (Next::ReadAt(later), Some(FlagChange::Idle))
-        );
+        // 200 transactions/s, one per read (each NOTIFY wakes a read).
+        let (_, flags) = feed(&mut policy, start, Duration::from_millis(5), 1, Duration::from_secs(3));
+        assert!(flags.iter().all(Option::is_none));
+        assert!(!policy.is_busy());
+    }
+
+    #[test]
+    fn a_high_rate_turns_busy_and_a_calm_one_idle_again() {
+        let start = Instant::now();
+        let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
+        // 2,000 transactions/s.
+        let (now, flags) = feed(&mut policy, start, Duration::from_millis(5), 10, Duration::from_millis(500));
+        assert_eq!(flags.iter().flatten().collect::<Vec<_>>(), vec![&FlagChange::Busy]);
+        assert!(policy.is_busy());
+        // Quiet: idle after the rate decays and the linger passes, not before.
+        let (now, flags) = feed(&mut policy, now, Duration::from_millis(5), 0, Duration::from_millis(300));
+        assert!(flags.iter().all(Option::is_none), "still lingering");
+        let (_, flags) = feed(&mut policy, now, Duration::from_millis(5), 0, Duration::from_secs(2));
+        assert_eq!(flags.iter().flatten().collect::<Vec<_>>(), vec![&FlagChange::Idle]);
         assert!(!policy.is_busy());
     }
 
@@ -179,25 +203,15 @@ mod tests {
     fn after_going_idle_it_rereads_until_transactions_that_missed_the_flag_end() {
         let start = Instant::now();
         let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
-        policy.after_read(start, BUSY_TRANSACTIONS, &snapshot("10:10:"));
+
+        policy.busy = true;
+        policy.calm_since = Some(start);
         let t = start + LINGER * 2;
-        assert_eq!(
-            policy.after_read(t, 0, &snapshot("10:10:")).1,
-            Some(FlagChange::Idle)
-        );
+        assert_eq!(policy.after_read(t, 0, &snapshot("10:10:")).1, Some(FlagChange::Idle));
         // The read right after setting the flag still sees 12 running: keep re-reading.
-        assert_eq!(
-            policy.after_read(t, 0, &snapshot("12:14:12")).0,
-            Next::ReadAt(t + RECHECK_INTERVAL)
-        );
-        assert_eq!(
-            policy.after_read(t, 0, &snapshot("12:15:12,14")).0,
-            Next::ReadAt(t + RECHECK_INTERVAL)
-        );
+        assert_eq!(policy.after_read(t, 0, &snapshot("12:14:12")).0, Next::ReadAt(t + RECHECK_INTERVAL));
+        assert_eq!(policy.after_read(t, 0, &snapshot("12:15:12,14")).0, Next::ReadAt(t + RECHECK_INTERVAL));
         // 12 finished (14 started after the flag: it will NOTIFY): back to waiting.
-        assert_eq!(
-            policy.after_read(t, 1, &snapshot("14:16:14")).0,
-            Next::WaitUntil(t + IDLE_POLL)
-        );
+        assert_eq!(policy.after_read(t, 1, &snapshot("14:16:14")).0, Next::WaitUntil(t + IDLE_POLL));
     }
 }

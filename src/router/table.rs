@@ -63,7 +63,8 @@ pub struct Route {
 /// Result of routing one event.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Delivery {
-    pub recipients: usize,
+    /// Sockets the event was queued for (to be woken once the read is routed).
+    pub recipients: Vec<SessionId>,
     /// Sockets whose queue was full: the caller closes them as slow consumers.
     pub overflowed: Vec<SessionId>,
 }
@@ -175,10 +176,24 @@ impl RoutingTable {
     /// Enqueues `event` for every socket that subscribed to it and may see it, once each.
     pub fn route(&self, event: &Event) -> Delivery {
         let mut delivery = Delivery::default();
-        for &id in self.indexed(&event.credential) {
-            self.deliver(id, event, &mut delivery);
-        }
+        self.route_into(event, &mut delivery);
         delivery
+    }
+
+    /// [`route`](Self::route), accumulating into `delivery`.
+    pub fn route_into(&self, event: &Event, delivery: &mut Delivery) {
+        for &id in self.indexed(&event.credential) {
+            self.deliver(id, event, delivery);
+        }
+    }
+
+    /// Wakes the sockets events were queued for.
+    pub fn wake(&self, ids: &[SessionId]) {
+        for id in ids {
+            if let Some(route) = self.routes.get(id) {
+                route.queue.wake();
+            }
+        }
     }
 
     /// Sockets in the index under `credential` (tests and metrics).
@@ -205,7 +220,7 @@ impl RoutingTable {
             committed_at_micros: event.committed_at_micros,
         };
         match route.queue.push(outgoing) {
-            Ok(()) => delivery.recipients += 1,
+            Ok(()) => delivery.recipients.push(id),
             Err(_) => delivery.overflowed.push(id),
         }
     }
@@ -285,11 +300,9 @@ mod tests {
     }
 
     fn pending(rx: &mut QueueReceiver) -> usize {
-        let mut n = 0;
-        while let Some(Some(_)) = futures_util::FutureExt::now_or_never(rx.recv()) {
-            n += 1;
-        }
-        n
+        futures_util::FutureExt::now_or_never(rx.recv_many(usize::MAX))
+            .flatten()
+            .map_or(0, |batch| batch.len())
     }
 
     #[test]
@@ -297,7 +310,7 @@ mod tests {
         let mut table = RoutingTable::default();
         let mut alice = session(&mut table, 1, vec![subscription(None, None)], &["a"]);
         let mut bob = session(&mut table, 2, vec![subscription(None, None)], &["b"]);
-        assert_eq!(table.route(&event(1, "a", "positions")).recipients, 1);
+        assert_eq!(table.route(&event(1, "a", "positions")).recipients.len(), 1);
         assert_eq!((pending(&mut alice), pending(&mut bob)), (1, 0));
     }
 
@@ -313,9 +326,9 @@ mod tests {
             ],
             &["a", "b"],
         );
-        assert_eq!(table.route(&event(1, "a", "positions")).recipients, 1);
-        assert_eq!(table.route(&event(2, "b", "orders")).recipients, 0);
-        assert_eq!(table.route(&event(3, "b", "positions")).recipients, 1);
+        assert_eq!(table.route(&event(1, "a", "positions")).recipients.len(), 1);
+        assert_eq!(table.route(&event(2, "b", "orders")).recipients.len(), 0);
+        assert_eq!(table.route(&event(3, "b", "positions")).recipients.len(), 1);
         assert_eq!(pending(&mut rx), 2);
     }
 
@@ -330,7 +343,7 @@ mod tests {
         );
         assert_eq!(table.candidates(&CredentialId::from_database("a")), 1);
         table.reindex(1, Some(&credentials(&["b"])));
-        assert_eq!(table.route(&event(1, "a", "positions")).recipients, 0);
+        assert_eq!(table.route(&event(1, "a", "positions")).recipients.len(), 0);
         table.reindex(1, None);
         assert_eq!(table.candidates(&CredentialId::from_database("b")), 0);
     }
@@ -360,7 +373,7 @@ mod tests {
         );
         table.get_mut(7).expect("inserted").subscriptions = vec![subscription(None, None)];
         table.reindex(7, Some(&credentials(&["a"])));
-        assert_eq!(table.route(&event(1, "a", "t")).recipients, 1);
+        assert_eq!(table.route(&event(1, "a", "t")).recipients.len(), 1);
         assert_eq!(table.route(&event(2, "a", "t")).overflowed, vec![7]);
     }
 
@@ -371,13 +384,13 @@ mod tests {
         sub.starts_after = Some(Arc::new(Snapshot::parse("100:105:").expect("valid")));
         let mut rx = session(&mut table, 1, vec![sub], &["a"]);
         assert_eq!(
-            table.route(&event(1, "a", "t")).recipients,
+            table.route(&event(1, "a", "t")).recipients.len(),
             0,
             "xid 100 committed before"
         );
         let mut later = event(2, "a", "t");
         later.xid = 105;
-        assert_eq!(table.route(&later).recipients, 1);
+        assert_eq!(table.route(&later).recipients.len(), 1);
         assert_eq!(pending(&mut rx), 1);
     }
 }

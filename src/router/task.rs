@@ -526,23 +526,18 @@ impl Task {
             announcements.clear();
         }
         let mut batch = BatchStats::default();
-        if announcements.is_empty() {
-            self.route_plain(connection, client, &previous, &mut batch)
-                .await?;
+        let routed = if announcements.is_empty() {
+            self.route_plain(connection, client, &previous, &mut batch).await
         } else {
-            self.route_with_announcements(
-                connection,
-                client,
-                &previous,
-                &snapshot,
-                &announcements,
-                &mut batch,
-            )
-            .await?;
-        }
+            self.route_with_announcements(connection, client, &previous, &snapshot, &announcements, &mut batch)
+                .await
+        };
+        // Whatever was queued goes out, even if the read failed midway (its retry skips
+        // those events).
+        self.finish_batch(&mut batch);
+        routed?;
         client.batch_execute("commit").await?;
         self.position = Some(Arc::new(snapshot));
-        self.finish_batch(&batch);
         Ok(batch.transactions.len() + announcements.len())
     }
 
@@ -567,9 +562,9 @@ impl Task {
                 if already_routed.contains(&event.id) {
                     return;
                 }
-                let delivery = table.route(&event);
+                table.route_into(&event, &mut batch.delivery);
                 routed_this_read.push(event.id);
-                batch.delivered(delivery);
+                batch.routed(table);
             })
             .await
     }
@@ -654,9 +649,9 @@ impl Task {
                 }
                 routed_this_read.push(event.id);
                 if !plan.mentions(&event.credential) {
-                    return batch.delivered(table.route(&event));
+                    table.route_into(&event, &mut batch.delivery);
+                    return batch.routed(table);
                 }
-                let mut delivery = Delivery::default();
                 let mut seen = HashSet::new();
                 let newly = granted.get(&event.credential).unwrap_or(&no_sessions);
                 for &id in table.indexed(&event.credential).iter().chain(newly) {
@@ -683,10 +678,10 @@ impl Task {
                         },
                     };
                     if may_see {
-                        table.deliver(id, &event, &mut delivery);
+                        table.deliver(id, &event, &mut batch.delivery);
                     }
                 }
-                batch.delivered(delivery);
+                batch.routed(table);
             })
             .await?;
 
@@ -720,7 +715,8 @@ impl Task {
         Ok(())
     }
 
-    fn finish_batch(&mut self, batch: &BatchStats) {
+    fn finish_batch(&mut self, batch: &mut BatchStats) {
+        batch.wake(&self.table);
         self.metrics.events_in.inc_by(batch.events);
         self.metrics.deliveries.inc_by(batch.deliveries);
         if batch.events > 0 {
@@ -732,7 +728,7 @@ impl Task {
                 .outbox_lag_seconds
                 .set((now_micros - batch.newest_commit_micros).max(0) as f64 / 1e6);
         }
-        let overflowed: HashSet<SessionId> = batch.overflowed.iter().copied().collect();
+        let overflowed: HashSet<SessionId> = batch.delivery.overflowed.drain(..).collect();
         for id in overflowed {
             self.metrics.slow_consumer_closes.inc();
             self.metrics.queue_drops.inc();
@@ -741,13 +737,17 @@ impl Task {
     }
 }
 
+/// Events routed by a read between two wake-ups of their sockets.
+const WAKE_EVERY: u64 = 256;
+
 #[derive(Default)]
 struct BatchStats {
     transactions: HashSet<u64>,
     events: u64,
     deliveries: u64,
     newest_commit_micros: i64,
-    overflowed: Vec<SessionId>,
+    /// Queued since the last wake-up, and sockets whose queue overflowed.
+    delivery: Delivery,
 }
 
 impl BatchStats {
@@ -768,9 +768,19 @@ impl BatchStats {
         }
     }
 
-    fn delivered(&mut self, delivery: Delivery) {
-        self.deliveries += delivery.recipients as u64;
-        self.overflowed.extend(delivery.overflowed);
+    /// After an event: wakes its sockets' now and then during a large read (each socket
+    /// then writes what it has with one flush).
+    fn routed(&mut self, table: &RoutingTable) {
+        if self.events % WAKE_EVERY == 0 {
+            self.wake(table);
+        }
+    }
+
+    /// Wakes every socket events were queued for since the last call.
+    fn wake(&mut self, table: &RoutingTable) {
+        self.deliveries += self.delivery.recipients.len() as u64;
+        table.wake(&self.delivery.recipients);
+        self.delivery.recipients.clear();
     }
 }
 

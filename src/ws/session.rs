@@ -301,7 +301,7 @@ impl Session {
                     }
                 }
                 item = recv_replay(&mut self.replay), if self.replay.is_some() => match item {
-                    Some(ReplayItem::Event(outgoing)) => match self.send_events(socket, outgoing, false).await {
+                    Some(ReplayItem::Event(outgoing)) => match self.send_events(socket, vec![outgoing]).await {
                         Sent::Done => {}
                         Sent::Gone => return None,
                         Sent::Closing(reason) => return Some(reason),
@@ -311,8 +311,8 @@ impl Session {
                         self.replay = self.replays_waiting.pop_front().map(|request| self.start_replay(request));
                     }
                 },
-                outgoing = self.queue.recv(), if self.replay.is_none() => match outgoing {
-                    Some(outgoing) => match self.send_events(socket, outgoing, true).await {
+                batch = self.queue.recv_many(WRITE_BATCH), if self.replay.is_none() => match batch {
+                    Some(batch) => match self.send_events(socket, batch).await {
                         Sent::Done => {}
                         Sent::Gone => return None,
                         Sent::Closing(reason) => return Some(reason),
@@ -325,30 +325,20 @@ impl Session {
         }
     }
 
-    /// Sends an event, then whatever else is already queued (up to a batch), with one
-    /// flush. A write that blocks (the client stopped reading) gives way to a close
-    /// request or shutdown, and gives up after one ping interval: the socket is then a
-    /// slow consumer.
-    async fn send_events<S>(&mut self, socket: &mut S, first: Outgoing, drain_queue: bool) -> Sent
+    /// Sends a batch of events with one flush. A write that blocks (the client stopped
+    /// reading) gives way to a close request or shutdown, and gives up after one ping
+    /// interval: the socket is then a slow consumer.
+    async fn send_events<S>(&mut self, socket: &mut S, batch: Vec<Outgoing>) -> Sent
     where
         S: Sink<Message, Error = axum::Error> + Unpin,
     {
         let control = self.control.clone();
         let shutdown = self.state.shutdown.clone();
         let deadline = self.state.limits.ping_interval;
-        let queue = &mut self.queue;
-        let mut sent = vec![first.committed_at_micros];
+        let sent: Vec<i64> = batch.iter().map(|o| o.committed_at_micros).collect();
         let write = async {
-            socket.feed(Message::Text(first.frame)).await?;
-            if drain_queue {
-                while sent.len() < WRITE_BATCH {
-                    let Some(Some(next)) = futures_util::FutureExt::now_or_never(queue.recv())
-                    else {
-                        break;
-                    };
-                    sent.push(next.committed_at_micros);
-                    socket.feed(Message::Text(next.frame)).await?;
-                }
+            for outgoing in batch {
+                socket.feed(Message::Text(outgoing.frame)).await?;
             }
             socket.flush().await
         };
