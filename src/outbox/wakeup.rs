@@ -7,12 +7,14 @@
 //! `notify` mode: writers always NOTIFY; the router reads on each wake-up.
 //!
 //! `adaptive` mode (default): the relay measures the rate of committing transactions it
-//! reads (an exponential moving average). Below [`BUSY_RATE`] it is *idle*: writers NOTIFY
-//! and each wake-up triggers a read, which is the lowest latency there is, and at such
-//! rates the commit lock costs writers little. Above it the relay turns *busy*: it clears
-//! its flag in `relay.listeners`, writers stop notifying (and stay off the lock), and the
-//! relay reads continuously every [`BUSY_INTERVAL`]. Once the rate stays below
-//! [`IDLE_RATE`] for [`LINGER`] it sets the flag again. The race at that switch (a writer
+//! reads (an exponential moving average) and how many write transactions are running when
+//! it reads. While both are low it is *idle*: writers NOTIFY and each wake-up triggers a
+//! read, the lowest latency there is, and at such rates the commit lock costs writers
+//! little. Above [`BUSY_RATE`], or when writers pile up ([`PILE_UP`] running transactions:
+//! the lock queues them, which also caps the rate the relay can observe), it turns *busy*:
+//! it clears its flag in `relay.listeners`, writers stop notifying (and stay off the
+//! lock), and the relay reads continuously every [`BUSY_INTERVAL`]. Once the rate stays
+//! below [`IDLE_RATE`] with no pile-up for [`LINGER`], it sets the flag again. The race at that switch (a writer
 //! that saw "busy" commits after the last read) is closed by re-reading every
 //! [`RECHECK_INTERVAL`] until every transaction that was running when the flag was set has
 //! finished. Worst-case latency is therefore bounded by the busy interval, the recheck
@@ -24,9 +26,14 @@ use crate::config::WakeupMode;
 use crate::db::snapshot::Snapshot;
 
 /// Committing transactions per second above which the relay turns busy.
-pub const BUSY_RATE: f64 = 300.0;
+pub const BUSY_RATE: f64 = 400.0;
 /// ... and below which (for [`LINGER`]) it turns idle again.
-pub const IDLE_RATE: f64 = 150.0;
+pub const IDLE_RATE: f64 = 250.0;
+/// Write transactions running at a read that show writers queueing on the commit lock
+/// (with at least [`PILE_UP_MIN_RATE`] commits per second, so that a few long-running
+/// transactions alone do not count).
+pub const PILE_UP: usize = 8;
+const PILE_UP_MIN_RATE: f64 = 20.0;
 /// Time constant of the rate's moving average.
 const RATE_TIME_CONSTANT: Duration = Duration::from_millis(250);
 /// Pause between reads while busy: long enough for batches to carry many events, short
@@ -90,7 +97,10 @@ impl WakeupPolicy {
         Self {
             mode,
             busy: false,
-            rate: Rate { per_second: 0.0, at: now },
+            rate: Rate {
+                per_second: 0.0,
+                at: now,
+            },
             calm_since: None,
             flag_just_set: false,
             unsure: Vec::new(),
@@ -103,13 +113,19 @@ impl WakeupPolicy {
 
     /// Decides after a read that found `transactions` committed transactions, in
     /// `snapshot`.
-    pub fn after_read(&mut self, now: Instant, transactions: usize, snapshot: &Snapshot) -> (Next, Option<FlagChange>) {
+    pub fn after_read(
+        &mut self,
+        now: Instant,
+        transactions: usize,
+        snapshot: &Snapshot,
+    ) -> (Next, Option<FlagChange>) {
         let rate = self.rate.observe(now, transactions);
         if self.mode == WakeupMode::Notify {
             return (Next::WaitUntil(now + IDLE_POLL), None);
         }
+        let piling_up = rate >= PILE_UP_MIN_RATE && snapshot.in_progress().len() >= PILE_UP;
         if self.busy {
-            if rate >= IDLE_RATE {
+            if rate >= IDLE_RATE || piling_up {
                 self.calm_since = None;
                 return (Next::ReadAt(now + BUSY_INTERVAL), None);
             }
@@ -122,7 +138,7 @@ impl WakeupPolicy {
             self.flag_just_set = true;
             return (Next::ReadAt(now), Some(FlagChange::Idle));
         }
-        if rate >= BUSY_RATE {
+        if rate >= BUSY_RATE || piling_up {
             self.busy = true;
             self.unsure.clear();
             self.flag_just_set = false;
@@ -151,7 +167,13 @@ mod tests {
     }
 
     /// Feeds reads of `per_read` transactions every `every` for `for_how_long`.
-    fn feed(policy: &mut WakeupPolicy, start: Instant, every: Duration, per_read: usize, for_how_long: Duration) -> (Instant, Vec<Option<FlagChange>>) {
+    fn feed(
+        policy: &mut WakeupPolicy,
+        start: Instant,
+        every: Duration,
+        per_read: usize,
+        for_how_long: Duration,
+    ) -> (Instant, Vec<Option<FlagChange>>) {
         let mut now = start;
         let mut flags = Vec::new();
         while now < start + for_how_long {
@@ -178,7 +200,13 @@ mod tests {
         let start = Instant::now();
         let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
         // 200 transactions/s, one per read (each NOTIFY wakes a read).
-        let (_, flags) = feed(&mut policy, start, Duration::from_millis(5), 1, Duration::from_secs(3));
+        let (_, flags) = feed(
+            &mut policy,
+            start,
+            Duration::from_millis(5),
+            1,
+            Duration::from_secs(3),
+        );
         assert!(flags.iter().all(Option::is_none));
         assert!(!policy.is_busy());
     }
@@ -188,15 +216,63 @@ mod tests {
         let start = Instant::now();
         let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
         // 2,000 transactions/s.
-        let (now, flags) = feed(&mut policy, start, Duration::from_millis(5), 10, Duration::from_millis(500));
-        assert_eq!(flags.iter().flatten().collect::<Vec<_>>(), vec![&FlagChange::Busy]);
+        let (now, flags) = feed(
+            &mut policy,
+            start,
+            Duration::from_millis(5),
+            10,
+            Duration::from_millis(500),
+        );
+        assert_eq!(
+            flags.iter().flatten().collect::<Vec<_>>(),
+            vec![&FlagChange::Busy]
+        );
         assert!(policy.is_busy());
         // Quiet: idle after the rate decays and the linger passes, not before.
-        let (now, flags) = feed(&mut policy, now, Duration::from_millis(5), 0, Duration::from_millis(300));
+        let (now, flags) = feed(
+            &mut policy,
+            now,
+            Duration::from_millis(5),
+            0,
+            Duration::from_millis(300),
+        );
         assert!(flags.iter().all(Option::is_none), "still lingering");
-        let (_, flags) = feed(&mut policy, now, Duration::from_millis(5), 0, Duration::from_secs(2));
-        assert_eq!(flags.iter().flatten().collect::<Vec<_>>(), vec![&FlagChange::Idle]);
+        let (_, flags) = feed(
+            &mut policy,
+            now,
+            Duration::from_millis(5),
+            0,
+            Duration::from_secs(2),
+        );
+        assert_eq!(
+            flags.iter().flatten().collect::<Vec<_>>(),
+            vec![&FlagChange::Idle]
+        );
         assert!(!policy.is_busy());
+    }
+
+    #[test]
+    fn writers_piling_up_on_the_commit_lock_turn_it_busy_at_any_rate() {
+        let start = Instant::now();
+        let mut policy = WakeupPolicy::new(WakeupMode::Adaptive, start);
+        let piled = snapshot("100:120:100,101,102,103,104,105,106,107,108,109");
+        let mut flags = Vec::new();
+        for i in 1..=20 {
+            flags.push(
+                policy
+                    .after_read(start + Duration::from_millis(5 * i), 1, &piled)
+                    .1,
+            );
+        }
+        assert!(flags.contains(&Some(FlagChange::Busy)));
+        // A few long transactions and no commits: no pile-up.
+        let mut quiet = WakeupPolicy::new(WakeupMode::Adaptive, start);
+        assert_eq!(
+            quiet
+                .after_read(start + Duration::from_secs(1), 0, &piled)
+                .1,
+            None
+        );
     }
 
     #[test]
@@ -207,11 +283,23 @@ mod tests {
         policy.busy = true;
         policy.calm_since = Some(start);
         let t = start + LINGER * 2;
-        assert_eq!(policy.after_read(t, 0, &snapshot("10:10:")).1, Some(FlagChange::Idle));
+        assert_eq!(
+            policy.after_read(t, 0, &snapshot("10:10:")).1,
+            Some(FlagChange::Idle)
+        );
         // The read right after setting the flag still sees 12 running: keep re-reading.
-        assert_eq!(policy.after_read(t, 0, &snapshot("12:14:12")).0, Next::ReadAt(t + RECHECK_INTERVAL));
-        assert_eq!(policy.after_read(t, 0, &snapshot("12:15:12,14")).0, Next::ReadAt(t + RECHECK_INTERVAL));
+        assert_eq!(
+            policy.after_read(t, 0, &snapshot("12:14:12")).0,
+            Next::ReadAt(t + RECHECK_INTERVAL)
+        );
+        assert_eq!(
+            policy.after_read(t, 0, &snapshot("12:15:12,14")).0,
+            Next::ReadAt(t + RECHECK_INTERVAL)
+        );
         // 12 finished (14 started after the flag: it will NOTIFY): back to waiting.
-        assert_eq!(policy.after_read(t, 1, &snapshot("14:16:14")).0, Next::WaitUntil(t + IDLE_POLL));
+        assert_eq!(
+            policy.after_read(t, 1, &snapshot("14:16:14")).0,
+            Next::WaitUntil(t + IDLE_POLL)
+        );
     }
 }

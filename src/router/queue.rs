@@ -190,7 +190,11 @@ mod tests {
     }
 
     fn sizes(batch: Option<Vec<Outgoing>>) -> Vec<usize> {
-        batch.unwrap_or_default().iter().map(|o| o.frame.len()).collect()
+        batch
+            .unwrap_or_default()
+            .iter()
+            .map(|o| o.frame.len())
+            .collect()
     }
 
     #[tokio::test]
@@ -200,7 +204,11 @@ mod tests {
         assert!(tx.push(frame(1)).is_ok());
         assert_eq!(tx.push(frame(1)), Err(QueueFull));
         assert_eq!(sizes(rx.recv_many(10).await), vec![1, 1]);
-        assert_eq!(tx.push(frame(1)), Err(QueueFull), "no event after a missed one");
+        assert_eq!(
+            tx.push(frame(1)),
+            Err(QueueFull),
+            "no event after a missed one"
+        );
     }
 
     #[tokio::test]
@@ -218,7 +226,11 @@ mod tests {
         assert!(tx.push(frame(50)).is_ok());
         assert_eq!(tx.push(frame(1)), Err(QueueFull));
         rx.discard();
-        assert_eq!(tx.push(frame(1)), Err(QueueFull), "a discarded queue takes nothing");
+        assert_eq!(
+            tx.push(frame(1)),
+            Err(QueueFull),
+            "a discarded queue takes nothing"
+        );
     }
 
     #[tokio::test]

@@ -527,10 +527,18 @@ impl Task {
         }
         let mut batch = BatchStats::default();
         let routed = if announcements.is_empty() {
-            self.route_plain(connection, client, &previous, &mut batch).await
-        } else {
-            self.route_with_announcements(connection, client, &previous, &snapshot, &announcements, &mut batch)
+            self.route_plain(connection, client, &previous, &mut batch)
                 .await
+        } else {
+            self.route_with_announcements(
+                connection,
+                client,
+                &previous,
+                &snapshot,
+                &announcements,
+                &mut batch,
+            )
+            .await
         };
         // Whatever was queued goes out, even if the read failed midway (its retry skips
         // those events).
