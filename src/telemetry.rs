@@ -26,7 +26,9 @@ const CAPPED: [(&str, Level); 2] = [
 /// Installs the global subscriber; a second call (tests, embedded use) is a no-op.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let most_verbose = filter.max_level_hint();
     let caps = caps(&config.log_filter);
+
     let registry = tracing_subscriber::registry().with(filter);
     let _already_installed = match config.log_format {
         LogFormat::Human => registry
@@ -44,6 +46,17 @@ pub fn init(config: &LogConfig) {
             )
             .try_init(),
     };
+    // The bridge from the `log` crate (tokio-postgres logs through it) lets every record
+    // through to be filtered here; tell `log` the real ceiling, so that the statement logs
+    // of every query are skipped at the call site instead.
+    log::set_max_level(match most_verbose {
+        Some(LevelFilter::OFF) => log::LevelFilter::Off,
+        Some(LevelFilter::ERROR) => log::LevelFilter::Error,
+        Some(LevelFilter::WARN) => log::LevelFilter::Warn,
+        Some(LevelFilter::INFO) => log::LevelFilter::Info,
+        Some(LevelFilter::DEBUG) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
 }
 
 /// Everything passes, but the capped targets only up to their cap. An event is logged

@@ -622,9 +622,24 @@ async fn latency_phase(
     options: &Options,
 ) -> anyhow::Result<Latency> {
     db.set_triggers(Triggers::RelayAndNaive).await?;
+    // Warm up at the same rate, so that what is measured is the steady state at that
+    // rate (in `adaptive` mode the relay goes back to NOTIFY wake-ups a few hundred
+    // milliseconds after the preceding burst), then start clean.
+    let warmup_from = db.last_outbox_id().await?;
+    writers
+        .fixed_rate(options.latency_rate, options.warmup)
+        .await?;
+    let warmup_events = db.events_after(warmup_from).await?;
+    fleet
+        .wait_for(
+            Expected::new(&warmup_events, &db.visible).total(fleet),
+            Duration::from_secs(15),
+        )
+        .await;
     fleet.reset();
     bare.reset();
     let start_id = db.last_outbox_id().await?;
+
     let metrics_before = relay.metrics().await?;
     let timed = writers
         .fixed_rate(options.latency_rate, options.latency_duration)

@@ -34,13 +34,14 @@ pub const IDLE_RATE: f64 = 250.0;
 /// transactions alone do not count).
 pub const PILE_UP: usize = 8;
 const PILE_UP_MIN_RATE: f64 = 20.0;
-/// Time constant of the rate's moving average.
-const RATE_TIME_CONSTANT: Duration = Duration::from_millis(250);
+/// Time constant of the rate's moving average: short, so that a burst's end is seen
+/// within a few hundred milliseconds.
+const RATE_TIME_CONSTANT: Duration = Duration::from_millis(100);
 /// Pause between reads while busy: long enough for batches to carry many events, short
 /// enough to bound the latency under load.
 pub const BUSY_INTERVAL: Duration = Duration::from_millis(5);
 /// How long the rate must stay low before a busy relay goes idle.
-pub const LINGER: Duration = Duration::from_millis(500);
+pub const LINGER: Duration = Duration::from_millis(250);
 /// Re-read interval while transactions that may have missed the idle flag still run.
 pub const RECHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// An idle relay reads at least this often (also its connection heartbeat).
