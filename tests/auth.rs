@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::client::{Read, WsClient};
 use common::tokens::{now, sign, sign_with, token, SECRET};
-use common::{TestDb, TestRelay};
+use common::TestRelay;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
 use tokio_tungstenite::tungstenite;
@@ -48,17 +48,6 @@ fn unsigned_token(claims: serde_json::Value) -> String {
     )
 }
 
-/// A relay whose example schema has one event flowing to everyone who can see it.
-async fn relay_with(
-    configure: impl FnOnce(&mut rls_relay::config::ServeConfig),
-) -> (TestDb, TestRelay) {
-    let db = TestDb::example().await;
-    let mut config = common::relay::config(&db.url());
-    configure(&mut config);
-    let relay = TestRelay::start_with(config).await;
-    (db, relay)
-}
-
 /// Asserts that `token` is refused in all three ways of presenting it, and that the
 /// socket gets nothing but the refusal.
 async fn assert_refused(relay: &TestRelay, token: &str, why: &str) {
@@ -86,7 +75,7 @@ async fn assert_closed_4001_with_nothing_else(socket: &mut WsClient, why: &str) 
 
 #[tokio::test]
 async fn every_bad_token_is_refused_and_receives_nothing() {
-    let (_db, relay) = relay_with(|_| {}).await;
+    let (_db, relay) = TestRelay::on_example(|_| {}).await;
     let exp = now() + 600;
     let cases = [
         (sign(json!({"sub": "alice", "exp": now() - 60})), "expired"),
@@ -139,7 +128,7 @@ async fn every_bad_token_is_refused_and_receives_nothing() {
 
 #[tokio::test]
 async fn rs256_is_pinned_to_the_public_key_and_hs256_made_with_it_is_refused() {
-    let (_db, relay) = relay_with(|config| {
+    let (_db, relay) = TestRelay::on_example(|config| {
         config.jwt.jwt_secret = None;
         config.jwt.jwt_public_key_file = Some(key_file("rsa_public.pem"));
     })
@@ -171,7 +160,7 @@ async fn rs256_is_pinned_to_the_public_key_and_hs256_made_with_it_is_refused() {
 
 #[tokio::test]
 async fn es256_keys_work() {
-    let (_db, relay) = relay_with(|config| {
+    let (_db, relay) = TestRelay::on_example(|config| {
         config.jwt.jwt_secret = None;
         config.jwt.jwt_public_key_file = Some(key_file("ec_public.pem"));
     })
@@ -189,7 +178,7 @@ async fn es256_keys_work() {
 
 #[tokio::test]
 async fn issuer_and_audience_are_required_when_configured() {
-    let (_db, relay) = relay_with(|config| {
+    let (_db, relay) = TestRelay::on_example(|config| {
         config.jwt.jwt_issuer = Some("https://auth.example".into());
         config.jwt.jwt_audience = vec!["trading".into()];
     })
@@ -222,7 +211,7 @@ async fn issuer_and_audience_are_required_when_configured() {
 
 #[tokio::test]
 async fn malformed_and_unknown_messages_get_bad_request_and_the_socket_keeps_working() {
-    let (_db, relay) = relay_with(|_| {}).await;
+    let (_db, relay) = TestRelay::on_example(|_| {}).await;
     let mut socket = WsClient::connect(&relay, &token("alice")).await;
     for text in [
         "{not json",
@@ -243,7 +232,8 @@ async fn malformed_and_unknown_messages_get_bad_request_and_the_socket_keeps_wor
 
 #[tokio::test]
 async fn a_token_expiring_mid_connection_closes_with_4001_unless_refreshed() {
-    let (_db, relay) = relay_with(|config| config.jwt.jwt_leeway = Duration::from_secs(1)).await;
+    let (_db, relay) =
+        TestRelay::on_example(|config| config.jwt.jwt_leeway = Duration::from_secs(1)).await;
     let short = |seconds: u64| sign(json!({"sub": "alice", "exp": now() + seconds}));
 
     let mut expiring = WsClient::connect(&relay, &short(2)).await;
@@ -270,7 +260,7 @@ async fn a_token_expiring_mid_connection_closes_with_4001_unless_refreshed() {
 #[tokio::test]
 async fn a_socket_that_does_not_authenticate_in_time_is_closed() {
     let (_db, relay) =
-        relay_with(|config| config.limits.auth_timeout = Duration::from_secs(1)).await;
+        TestRelay::on_example(|config| config.limits.auth_timeout = Duration::from_secs(1)).await;
     let mut silent = WsClient::wrap(WsClient::open(&relay.ws_url()).await);
     assert_eq!(
         silent.expect_close().await,
@@ -283,7 +273,7 @@ async fn a_socket_that_does_not_authenticate_in_time_is_closed() {
 
 #[tokio::test]
 async fn the_old_front_ends_query_token_still_works() {
-    let (_db, relay) = relay_with(|_| {}).await;
+    let (_db, relay) = TestRelay::on_example(|_| {}).await;
     let url = format!("{}?token={}", relay.ws_url(), token("alice"));
     let mut socket = WsClient::wrap(WsClient::open(&url).await);
     let welcome = socket.expect_type("welcome").await;

@@ -22,16 +22,6 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-async fn relay_with(
-    configure: impl FnOnce(&mut rls_relay::config::ServeConfig),
-) -> (TestDb, TestRelay) {
-    let db = TestDb::example().await;
-    let mut config = common::relay::config(&db.url());
-    configure(&mut config);
-    let relay = TestRelay::start_with(config).await;
-    (db, relay)
-}
-
 /// A healthy socket that must keep working while limits are hit next to it.
 async fn healthy(relay: &TestRelay) -> WsClient {
     let mut socket = WsClient::connect(relay, &token("healthy")).await;
@@ -48,7 +38,7 @@ async fn assert_still_healthy(socket: &mut WsClient) {
 
 #[tokio::test]
 async fn an_oversized_message_closes_with_1009() {
-    let (_db, relay) = relay_with(|c| c.limits.max_frame_bytes = 4_096).await;
+    let (_db, relay) = TestRelay::on_example(|c| c.limits.max_frame_bytes = 4_096).await;
     let mut ok = healthy(&relay).await;
     let mut big = WsClient::connect(&relay, &token("alice")).await;
     big.send_text(&format!(
@@ -62,7 +52,7 @@ async fn an_oversized_message_closes_with_1009() {
 
 #[tokio::test]
 async fn subscriptions_per_socket_are_limited() {
-    let (_db, relay) = relay_with(|c| c.limits.max_subscriptions = 3).await;
+    let (_db, relay) = TestRelay::on_example(|c| c.limits.max_subscriptions = 3).await;
     let mut socket = WsClient::connect(&relay, &token("alice")).await;
     for i in 0..3 {
         socket.subscribe(json!({"ref": i})).await;
@@ -83,7 +73,7 @@ async fn subscriptions_per_socket_are_limited() {
 
 #[tokio::test]
 async fn connections_are_limited_in_total_and_per_user() {
-    let (_db, relay) = relay_with(|c| {
+    let (_db, relay) = TestRelay::on_example(|c| {
         c.limits.max_connections = 4;
         c.limits.max_connections_per_user = 2;
     })
@@ -112,7 +102,7 @@ async fn connections_are_limited_in_total_and_per_user() {
 
 #[tokio::test]
 async fn a_socket_flooding_messages_is_closed_with_4029() {
-    let (_db, relay) = relay_with(|c| c.limits.max_messages_per_second = 5).await;
+    let (_db, relay) = TestRelay::on_example(|c| c.limits.max_messages_per_second = 5).await;
     let mut ok = healthy(&relay).await;
     let mut flood = WsClient::connect(&relay, &token("alice")).await;
     for i in 0..30 {
@@ -134,7 +124,8 @@ async fn a_socket_flooding_messages_is_closed_with_4029() {
 
 #[tokio::test]
 async fn a_half_open_socket_that_never_answers_pings_is_closed() {
-    let (_db, relay) = relay_with(|c| c.limits.ping_interval = Duration::from_millis(500)).await;
+    let (_db, relay) =
+        TestRelay::on_example(|c| c.limits.ping_interval = Duration::from_millis(500)).await;
     let mut silent = WsClient::connect(&relay, &token("alice")).await;
     // Not reading means not answering pings; after one unanswered interval it is closed.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -143,7 +134,7 @@ async fn a_half_open_socket_that_never_answers_pings_is_closed() {
 
 #[tokio::test]
 async fn permessage_deflate_is_not_negotiated() {
-    let (_db, relay) = relay_with(|_| {}).await;
+    let (_db, relay) = TestRelay::on_example(|_| {}).await;
     let mut request = relay.ws_url().into_client_request().unwrap();
     request.headers_mut().insert(
         "sec-websocket-extensions",
@@ -158,7 +149,7 @@ async fn permessage_deflate_is_not_negotiated() {
 
 #[tokio::test]
 async fn a_binary_frame_or_invalid_input_is_an_error_and_the_socket_keeps_working() {
-    let (_db, relay) = relay_with(|_| {}).await;
+    let (_db, relay) = TestRelay::on_example(|_| {}).await;
     let mut socket = WsClient::connect(&relay, &token("alice")).await;
     socket
         .raw()

@@ -6,13 +6,14 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::client::{events, Read};
-use common::isolation::{assert_exactly_visible, read_through_sentinels, seed};
+use common::isolation::{
+    assert_exactly_visible, assert_resumed_exactly_visible, read_through_sentinels, seed,
+};
 use common::process::RelayProcess;
 use common::tokens::token;
 use common::trading::Trading;
@@ -246,7 +247,7 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_nothing_for_clients_that_
     for ((user, before), after) in received.iter().zip(after) {
         let mut all = before.clone();
         all.extend(after);
-        assert_union_is_exactly_visible(&trading, user, &all, since).await;
+        assert_resumed_exactly_visible(&trading, user, &all, since).await;
     }
 }
 
@@ -302,39 +303,5 @@ async fn two_relays_on_one_database_each_deliver_correctly_and_a_client_resumes_
     }
     let mut alice_all = midway;
     alice_all.extend(received.last().unwrap().clone());
-    assert_union_is_exactly_visible(&trading, "alice", &alice_all, since).await;
-}
-
-/// Like `assert_exactly_visible`, for what a client received over several connections:
-/// duplicates are allowed (a resume may repeat an event, with its id), gaps and foreign
-/// events are not.
-async fn assert_union_is_exactly_visible(
-    trading: &Trading,
-    user: &str,
-    received: &[Value],
-    since: i64,
-) {
-    let visible = trading.visible_to(user).await;
-    let mut ids = BTreeSet::new();
-    for event in events(received) {
-        assert!(
-            visible.contains(event["credential_id"].as_str().unwrap()),
-            "{user} received a foreign event: {event}"
-        );
-        ids.insert(event["id"].as_i64().unwrap());
-    }
-    let up_to = ids.iter().max().copied().unwrap_or(since);
-    let expected: BTreeSet<i64> = trading
-        .events_between(since, up_to)
-        .await
-        .into_iter()
-        .filter(|(_, c)| visible.contains(c))
-        .map(|(id, _)| id)
-        .collect();
-    let missing: Vec<_> = expected.difference(&ids).collect();
-    assert!(
-        missing.is_empty(),
-        "{user} missed {} events: {missing:?}",
-        missing.len()
-    );
+    assert_resumed_exactly_visible(&trading, "alice", &alice_all, since).await;
 }

@@ -186,11 +186,9 @@ begin
         insert into relay.outbox (kind, table_schema, table_name, credential_id, user_id)
         values ('visibility', tg_argv[2], tg_argv[3], changed.credential, changed.person);
     end loop;
-    -- Checked here too: a function call with its own settings costs more than a row.
-    if current_setting('relay.woken', true) is distinct from 'on' then
-        perform relay.wake();
-    end if;
+    perform relay.wake();
     return null;
+
 end
 $$;
 

@@ -213,6 +213,32 @@ impl Serialize for EventFrame<'_> {
     }
 }
 
+impl Event {
+    /// An INSERT of `{}` into `public.<table>` on `credential`, by transaction `xid`: the
+    /// event unit tests route.
+    #[cfg(test)]
+    pub fn for_test(id: i64, xid: u64, credential: &str, table: &str) -> Self {
+        let xid = xid.to_string();
+        let row = EventRow {
+            id,
+            xid: &xid,
+            table_schema: "public",
+            table_name: table,
+            event_type: "position_update",
+            row_key: "position",
+            op: "INSERT",
+            credential_id: credential,
+            new_row: Some("{}"),
+            old_row: None,
+            committed_at_micros: 0,
+        };
+        match Self::decode(&row, &mut TableNames::default()) {
+            Ok(event) => event,
+            Err(error) => unreachable!("a valid test event: {error}"),
+        }
+    }
+}
+
 /// RFC 3339 UTC with microseconds, e.g. `2026-12-04T16:23:54.123456Z`.
 pub fn format_timestamp(micros: i64) -> String {
     let micros = u64::try_from(micros).unwrap_or(0);

@@ -71,7 +71,6 @@ mod tests {
     use super::*;
     use crate::db::snapshot::Snapshot;
     use crate::domain::EventId;
-    use crate::outbox::event::{EventRow, TableNames};
 
     fn announcement(
         xid: u64,
@@ -89,24 +88,7 @@ mod tests {
     }
 
     fn event(xid: u64, credential: &str) -> Event {
-        let xid = xid.to_string();
-        Event::decode(
-            &EventRow {
-                id: 1,
-                xid: &xid,
-                table_schema: "public",
-                table_name: "positions",
-                event_type: "position_update",
-                row_key: "position",
-                op: "INSERT",
-                credential_id: credential,
-                new_row: Some("{}"),
-                old_row: None,
-                committed_at_micros: 0,
-            },
-            &mut TableNames::default(),
-        )
-        .expect("valid")
+        Event::for_test(1, xid, credential, "positions")
     }
 
     fn user(name: &str) -> Option<UserId> {

@@ -244,27 +244,10 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::event::{EventRow, TableNames};
     use crate::router::queue::{channel, QueueReceiver};
 
     fn event(id: i64, credential: &str, table: &str) -> Event {
-        Event::decode(
-            &EventRow {
-                id,
-                xid: "100",
-                table_schema: "public",
-                table_name: table,
-                event_type: "position_update",
-                row_key: "position",
-                op: "INSERT",
-                credential_id: credential,
-                new_row: Some("{}"),
-                old_row: None,
-                committed_at_micros: 0,
-            },
-            &mut TableNames::default(),
-        )
-        .expect("valid event")
+        Event::for_test(id, 100, credential, table)
     }
 
     fn credentials(ids: &[&str]) -> HashSet<CredentialId> {

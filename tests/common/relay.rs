@@ -78,6 +78,16 @@ impl TestRelay {
         Self::start_with(config(database_url)).await
     }
 
+    /// A fresh database with the example schema and a relay on it, configured by
+    /// `configure` from the test defaults.
+    pub async fn on_example(configure: impl FnOnce(&mut ServeConfig)) -> (super::TestDb, Self) {
+        let db = super::TestDb::example().await;
+        let mut config = config(&db.url());
+        configure(&mut config);
+        let relay = Self::start_with(config).await;
+        (db, relay)
+    }
+
     pub async fn start_with(config: ServeConfig) -> Self {
         let app = Application::build(config)
             .await
