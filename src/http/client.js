@@ -177,8 +177,11 @@ export class RelayClient {
     this._seen.add(event.id);
     this._seenOrder.push(event.id);
     if (this._seenOrder.length > 10_000) this._seen.delete(this._seenOrder.shift());
-    this.lastEventId = event.id;
+    // The highest id, not the last: ids commit slightly out of order, and a resume from
+    // the highest also looks back for whatever committed late below it.
+    this.lastEventId = this.lastEventId === null ? event.id : Math.max(this.lastEventId, event.id);
     this.onEvent(event);
+
   }
 
   _onError(ws, message) {
