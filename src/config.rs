@@ -47,6 +47,22 @@ pub struct DatabaseConfig {
     /// primary: LISTEN does not work through transaction pooling or on a standby.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
+
+    /// Verify the server's certificate against these roots (a PEM file, or `system`):
+    /// chain and host name, like libpq's verify-full. Unset: TLS as `sslmode` in
+    /// DATABASE_URL says (prefer by default), encrypted but not verified, like libpq.
+    #[arg(long, env = "RELAY_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<String>,
+}
+
+impl DatabaseConfig {
+    /// A connection string with libpq's TLS defaults.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: Secret::new(database_url),
+            database_ca_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

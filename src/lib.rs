@@ -22,6 +22,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod domain;
+pub mod errors;
 pub mod http;
 pub mod metrics;
 pub mod outbox;

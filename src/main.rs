@@ -50,8 +50,7 @@ async fn main() -> ExitCode {
             telemetry::init(&config.log);
             let result = async {
                 let mut client =
-                    db::connect_once(&config.database.database_url, db::POOL_APPLICATION_NAME)
-                        .await?;
+                    db::connect_once(&config.database, db::POOL_APPLICATION_NAME).await?;
                 Ok::<_, Box<dyn std::error::Error>>(db::migrate::run(&mut client).await?)
             }
             .await;
@@ -71,13 +70,18 @@ async fn main() -> ExitCode {
             telemetry::init(&config.log);
             match demo::run(config, shutdown::on_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(error) => fail(&format!("{error:#}")),
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
             }
         }
     }
 }
 
-fn fail(error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("error: {error}");
+/// Prints the error and what caused it ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), and fails.
+fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("error: {}", rls_relay::errors::Chain(error));
     ExitCode::FAILURE
 }

@@ -53,8 +53,7 @@ fn render_findings(report: &AuditReport) -> String {
 
 /// Runs the audit and returns its report (database errors are errors, findings are not).
 pub async fn audit(config: &ServeConfig) -> Result<AuditReport, StartupError> {
-    let mut client =
-        db::connect_once(&config.database.database_url, db::POOL_APPLICATION_NAME).await?;
+    let mut client = db::connect_once(&config.database, db::POOL_APPLICATION_NAME).await?;
     let visibility = VisibilityQuery::new(&config.visibility, Metrics::new());
     Ok(audit::run(&mut client, &visibility).await?)
 }
@@ -91,7 +90,7 @@ impl Application {
         let metrics = Metrics::new();
         let verifier = Arc::new(Verifier::from_config(&config.jwt)?);
         verifier.prefetch().await;
-        let pool = db::pool(&config.database.database_url, usize::from(config.pool_size))?;
+        let pool = db::pool(&config.database, usize::from(config.pool_size))?;
         let visibility = VisibilityQuery::new(&config.visibility, metrics.clone());
         let timestamps = {
             let client = pool.get().await.map_err(DbError::from)?;
@@ -107,6 +106,7 @@ impl Application {
                     &config.database.database_url,
                     LISTENER_APPLICATION_NAME,
                 )?,
+                tls: db::tls(&config.database)?,
                 channel: config.channel.clone(),
                 instance_id: uuid::Uuid::new_v4(),
                 visibility: visibility.clone(),

@@ -15,7 +15,7 @@ use common::trading::Trading;
 use common::{TestDb, TestRelay};
 use futures_util::{SinkExt, StreamExt};
 use rls_relay::auth::claims::Claims;
-use rls_relay::config::Secret;
+use rls_relay::config::DatabaseConfig;
 use rls_relay::metrics::Metrics;
 use rls_relay::visibility::VisibilityQuery;
 use serde_json::json;
@@ -197,7 +197,7 @@ async fn a_pooled_connection_keeps_nothing_from_one_visibility_query_to_the_next
         trading.user(user).await;
         trading.credential(user, "main").await;
     }
-    let pool = rls_relay::db::pool(&Secret::new(db.url()), 1).unwrap();
+    let pool = rls_relay::db::pool(&DatabaseConfig::new(db.url()), 1).unwrap();
     let config = common::relay::config(&db.url());
     let visibility = VisibilityQuery::new(&config.visibility, Metrics::new());
     let claims = |sub: &str| match json!({ "sub": sub }) {

@@ -13,7 +13,7 @@ use common::isolation::{read_through_sentinels, seed};
 use common::tokens::token;
 use common::trading::Trading;
 use common::{writers, TestDb, TestRelay, WsClient};
-use rls_relay::config::Secret;
+use rls_relay::config::DatabaseConfig;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -149,7 +149,7 @@ async fn a_cursor_past_retention_or_unknown_here_is_a_resume_gap() {
     let world = seed(&trading).await;
     let old = trading.order(&world.alice_own, "OLD").await;
     trading.order(&world.alice_own, "OLDER-STILL").await;
-    let pool = rls_relay::db::pool(&Secret::new(db.url()), 1).unwrap();
+    let pool = rls_relay::db::pool(&DatabaseConfig::new(db.url()), 1).unwrap();
     let pruned =
         rls_relay::outbox::prune::prune_once(&pool, Duration::ZERO, &CancellationToken::new())
             .await
@@ -187,7 +187,7 @@ async fn pruning_removes_only_what_is_past_retention_and_one_instance_prunes_at_
         .batch_execute("update relay.outbox set written_at = now() - interval '2 hours' where id <= (select min(id) + 9 from relay.outbox)")
         .await
         .unwrap();
-    let pool = rls_relay::db::pool(&Secret::new(db.url()), 2).unwrap();
+    let pool = rls_relay::db::pool(&DatabaseConfig::new(db.url()), 2).unwrap();
     let shutdown = CancellationToken::new();
 
     // Another instance holding the prune lock: this one leaves it alone.

@@ -6,13 +6,14 @@ pub mod audit;
 pub mod cluster;
 pub mod migrate;
 pub mod snapshot;
+pub mod tls;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::Secret;
+use crate::config::{DatabaseConfig, Secret};
 
 /// `application_name` of pooled connections (visibility queries, replays, pruning).
 pub const POOL_APPLICATION_NAME: &str = "rls-relay";
@@ -29,6 +30,13 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("no connection from the pool: {0}")]
     Checkout(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The TLS connector for `database` (see [`tls`]).
+pub fn tls(database: &DatabaseConfig) -> Result<MakeRustlsConnect, DbError> {
+    Ok(tls::connector(database.database_ca_file.as_deref())?)
 }
 
 /// Parses the connection string and applies what every relay connection needs: a name
@@ -54,11 +62,11 @@ pub fn connection_config(
 /// The pool for visibility queries, replays and housekeeping. Recycling runs `RESET ALL`:
 /// the relay only ever sets transaction-local settings, and this makes sure that nothing
 /// set at session level, by mistake, survives into the next checkout.
-pub fn pool(url: &Secret, size: usize) -> Result<Pool, DbError> {
-    let config = connection_config(url, POOL_APPLICATION_NAME)?;
+pub fn pool(database: &DatabaseConfig, size: usize) -> Result<Pool, DbError> {
+    let config = connection_config(&database.database_url, POOL_APPLICATION_NAME)?;
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls(database)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Custom("RESET ALL".into()),
         },
@@ -75,11 +83,11 @@ pub fn pool(url: &Secret, size: usize) -> Result<Pool, DbError> {
 
 /// One connection outside the pool, driven by a spawned task (migrations, checks).
 pub async fn connect_once(
-    url: &Secret,
+    database: &DatabaseConfig,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, DbError> {
-    let config = connection_config(url, application_name)?;
-    let (client, connection) = config.connect(NoTls).await?;
+    let config = connection_config(&database.database_url, application_name)?;
+    let (client, connection) = config.connect(tls(database)?).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "connection closed");

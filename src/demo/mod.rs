@@ -23,7 +23,7 @@ use jsonwebtoken::EncodingKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
-use crate::config::{Cli, Command, DemoConfig, Secret, ServeConfig};
+use crate::config::{Cli, Command, DatabaseConfig, DemoConfig, Secret, ServeConfig};
 use crate::db::{self, migrate};
 use crate::startup::Application;
 use database::DemoDatabase;
@@ -55,7 +55,8 @@ async fn serve(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let url = Secret::new(database.url());
-    let mut admin = db::connect_once(&url, "rls-relay demo").await?;
+    let connect = DatabaseConfig::new(database.url());
+    let mut admin = db::connect_once(&connect, "rls-relay demo").await?;
     migrate::run(&mut admin)
         .await
         .context("applying the relay's migrations")?;
@@ -74,7 +75,7 @@ async fn serve(
         )
     })?;
     let state = Arc::new(routes::DemoState {
-        pool: db::pool(&url, 4)?,
+        pool: db::pool(&connect, 4)?,
         signer: EncodingKey::from_secret(secret.expose().as_bytes())?,
         verifier,
         token_ttl: config.token_ttl,
@@ -86,7 +87,7 @@ async fn serve(
     let relay_stop = stop.clone();
     let relay = tokio::spawn(app.run_until_stopped(async move { relay_stop.cancelled().await }));
 
-    let simulator_client = db::connect_once(&url, "rls-relay demo simulator").await?;
+    let simulator_client = db::connect_once(&connect, "rls-relay demo simulator").await?;
     let simulator = tokio::spawn(trading::simulate(
         simulator_client,
         world,

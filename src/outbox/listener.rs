@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Mutex, Notify};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::reader::{ReaderStatements, TimestampSource};
@@ -27,6 +27,8 @@ use crate::visibility::{PreparedVisibility, VisibilityQuery};
 pub struct ListenerSettings {
     /// From [`crate::db::connection_config`] with [`crate::db::LISTENER_APPLICATION_NAME`].
     pub connection: tokio_postgres::Config,
+    /// From [`crate::db::tls`].
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
     pub channel: String,
     /// This instance's row in `relay.listeners`.
     pub instance_id: uuid::Uuid,
@@ -149,7 +151,7 @@ async fn run(
                 sender.send_replace(Some(connection));
                 tokio::select! {
                     result = &mut driver => match result {
-                        Ok(Some(error)) => tracing::warn!(%error, "listener connection lost"),
+                        Ok(Some(error)) => tracing::warn!(error = %crate::errors::Chain(&error), "listener connection lost"),
                         Ok(None) => tracing::warn!("listener connection closed by the server"),
                         Err(error) => tracing::error!(%error, "listener driver failed"),
                     },
@@ -161,7 +163,7 @@ async fn run(
                 settings.metrics.listener_connected.set(0);
             }
             Err(error) => {
-                tracing::warn!(%error, attempt = failures + 1, "cannot connect the listener")
+                tracing::warn!(error = %crate::errors::Chain(&error), attempt = failures + 1, "cannot connect the listener")
             }
         }
         failures = failures.saturating_add(1);
@@ -188,7 +190,7 @@ async fn connect(
     initially_idle: bool,
     wake: &Arc<Notify>,
 ) -> Result<(Arc<StreamConnection>, Driver), tokio_postgres::Error> {
-    let (client, mut connection) = settings.connection.connect(NoTls).await?;
+    let (client, mut connection) = settings.connection.connect(settings.tls.clone()).await?;
     let notify = wake.clone();
     let metrics = settings.metrics.clone();
     // The Connection future drops notifications; poll_message hands them over.

@@ -33,7 +33,9 @@ pub async fn run(
                 tracing::info!(deleted, "pruned the outbox past retention");
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "outbox pruning failed; will retry"),
+            Err(error) => {
+                tracing::warn!(error = %crate::errors::Chain(&error), "outbox pruning failed; will retry")
+            }
         }
     }
 }

@@ -57,7 +57,7 @@ impl TrackedTables {
                     unknown = missing(&state.tables);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot read relay.tracked; table names are not checked");
+                    tracing::warn!(error = %crate::errors::Chain(&*error), "cannot read relay.tracked; table names are not checked");
                     return (Vec::new(), Vec::new());
                 }
             }

@@ -315,7 +315,7 @@ impl Task {
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "visibility query failed; the request is refused (fail closed)");
+                tracing::warn!(error = %crate::errors::Chain(&error), "visibility query failed; the request is refused (fail closed)");
                 for parked in std::mem::take(&mut entry.waiting) {
                     match parked {
                         Parked::Subscribe { reply, .. } => {
@@ -446,7 +446,7 @@ impl Task {
         let transactions = match outcome {
             Ok(Ok(transactions)) => transactions,
             Ok(Err(error)) => {
-                tracing::warn!(%error, "outbox read failed; replacing the listener connection");
+                tracing::warn!(error = %crate::errors::Chain(&error), "outbox read failed; replacing the listener connection");
                 return self.read_failed(connection);
             }
             Err(_) => {
@@ -472,7 +472,7 @@ impl Task {
             let idle = flag == FlagChange::Idle;
             self.listener.remember_idle(idle);
             if let Err(error) = connection.set_idle(idle).await {
-                tracing::warn!(%error, "cannot update relay.listeners; replacing the listener connection");
+                tracing::warn!(error = %crate::errors::Chain(&error), "cannot update relay.listeners; replacing the listener connection");
                 connection.mark_broken();
             }
         }
@@ -616,7 +616,7 @@ impl Task {
             let new = match answer {
                 Ok(visible) => Some(visible),
                 Err(error) => {
-                    tracing::warn!(%error, sockets = entry.sessions.len(), "visibility recompute failed; closing the sockets concerned");
+                    tracing::warn!(error = %crate::errors::Chain(&error), sockets = entry.sessions.len(), "visibility recompute failed; closing the sockets concerned");
                     None
                 }
             };

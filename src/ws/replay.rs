@@ -53,7 +53,7 @@ pub fn spawn(
             {
                 Ok(page) => page,
                 Err(error) => {
-                    tracing::warn!(%error, "replay failed");
+                    tracing::warn!(error = %crate::errors::Chain(&error), "replay failed");
                     let _ = tx.send(ReplayItem::Failed).await;
                     return;
                 }

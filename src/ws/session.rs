@@ -476,7 +476,7 @@ impl Session {
                     ));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot check a resume cursor");
+                    tracing::warn!(error = %crate::errors::Chain(&error), "cannot check a resume cursor");
                     return Ok(error_json(
                         ErrorCode::Internal,
                         "cannot check the resume cursor; retry",

@@ -17,9 +17,7 @@ use super::tokens::SECRET;
 /// the test secret, port 0, every limit at its documented default.
 pub fn config(database_url: &str) -> ServeConfig {
     ServeConfig {
-        database: DatabaseConfig {
-            database_url: Secret::new(database_url),
-        },
+        database: DatabaseConfig::new(database_url),
         log: LogConfig {
             log_format: LogFormat::Human,
             log_filter: "info".into(),
