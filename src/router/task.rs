@@ -527,7 +527,7 @@ impl Task {
         }
         let mut batch = BatchStats::default();
         let routed = if announcements.is_empty() {
-            self.route_plain(connection, client, &previous, &mut batch)
+            self.route_events(connection, client, &previous, &mut batch, None)
                 .await
         } else {
             self.route_with_announcements(
@@ -547,34 +547,6 @@ impl Task {
         client.batch_execute("commit").await?;
         self.position = Some(Arc::new(snapshot));
         Ok(batch.transactions.len() + announcements.len())
-    }
-
-    /// The common case, a batch without visibility announcements: the index holds.
-    async fn route_plain(
-        &mut self,
-        connection: &StreamConnection,
-        client: &Client,
-        previous: &Snapshot,
-        batch: &mut BatchStats,
-    ) -> Result<(), ReadError> {
-        let table = &self.table;
-        let already_routed = &self.already_routed;
-        let routed_this_read = &mut self.routed_this_read;
-        let metrics = &self.metrics;
-        connection
-            .reader
-            .for_each_event(client, previous, &mut self.tables, |decoded| {
-                let Some(event) = batch.take(decoded, metrics) else {
-                    return;
-                };
-                if already_routed.contains(&event.id) {
-                    return;
-                }
-                table.route_into(&event, &mut batch.delivery);
-                routed_this_read.push(event.id);
-                batch.routed(table);
-            })
-            .await
     }
 
     /// A batch with visibility announcements. The answers of the users they concern are
@@ -641,61 +613,17 @@ impl Task {
             );
         }
 
-        let table = &self.table;
-        let already_routed = &self.already_routed;
-        let routed_this_read = &mut self.routed_this_read;
-        let metrics = &self.metrics;
-        let no_sessions: Vec<SessionId> = Vec::new();
-        connection
-            .reader
-            .for_each_event(client, previous, &mut self.tables, |decoded| {
-                let Some(event) = batch.take(decoded, metrics) else {
-                    return;
-                };
-                if already_routed.contains(&event.id) {
-                    return;
-                }
-                routed_this_read.push(event.id);
-                if !plan.mentions(&event.credential) {
-                    table.route_into(&event, &mut batch.delivery);
-                    return batch.routed(table);
-                }
-                let mut seen = HashSet::new();
-                let newly = granted.get(&event.credential).unwrap_or(&no_sessions);
-                for &id in table.indexed(&event.credential).iter().chain(newly) {
-                    if !seen.insert(id) {
-                        continue;
-                    }
-                    let Some(route) = table.get(id) else { continue };
-                    let may_see = match changes.get(&route.claims) {
-                        // Not concerned by any announcement: the index answer holds.
-                        None => true,
-                        Some(change) => match plan.phase(&event, change.user.as_ref()) {
-                            Phase::Before => change
-                                .old
-                                .as_ref()
-                                .is_some_and(|v| v.contains(&event.credential)),
-                            Phase::After => change
-                                .new
-                                .as_ref()
-                                .is_some_and(|v| v.contains(&event.credential)),
-                            Phase::Ambiguous => {
-                                metrics.denied("ambiguous_visibility", 1);
-                                false
-                            }
-                        },
-                    };
-                    if may_see {
-                        table.deliver(id, &event, &mut batch.delivery);
-                    }
-                }
-                batch.routed(table);
-            })
+        let transition = Transition {
+            plan,
+            changes,
+            granted,
+        };
+        self.route_events(connection, client, previous, batch, Some(&transition))
             .await?;
 
         let as_of = Arc::new(snapshot.clone());
         let mut failed = Vec::new();
-        for (claims, change) in changes {
+        for (claims, change) in transition.changes {
             let Some(entry) = self.cache.get_mut(&claims) else {
                 continue;
             };
@@ -721,6 +649,42 @@ impl Task {
             self.close(id, CloseReason::VisibilityUnavailable);
         }
         Ok(())
+    }
+
+    /// Streams the batch's events and routes each: by the index, or, for a credential
+    /// that the batch's announcements mention, socket by socket with the answer that held
+    /// when the event committed (see [`Self::route_with_announcements`]).
+    async fn route_events(
+        &mut self,
+        connection: &StreamConnection,
+        client: &Client,
+        previous: &Snapshot,
+        batch: &mut BatchStats,
+        transition: Option<&Transition<'_>>,
+    ) -> Result<(), ReadError> {
+        let table = &self.table;
+        let already_routed = &self.already_routed;
+        let routed_this_read = &mut self.routed_this_read;
+        let metrics = &self.metrics;
+        connection
+            .reader
+            .for_each_event(client, previous, &mut self.tables, |decoded| {
+                let Some(event) = batch.take(decoded, metrics) else {
+                    return;
+                };
+                if already_routed.contains(&event.id) {
+                    return;
+                }
+                routed_this_read.push(event.id);
+                match transition {
+                    Some(transition) if transition.plan.mentions(&event.credential) => {
+                        transition.route(table, &event, metrics, &mut batch.delivery);
+                    }
+                    _ => table.route_into(&event, &mut batch.delivery),
+                }
+                batch.routed(table);
+            })
+            .await
     }
 
     fn finish_batch(&mut self, batch: &mut BatchStats) {
@@ -789,6 +753,61 @@ impl BatchStats {
         self.deliveries += self.delivery.recipients.len() as u64;
         table.wake(&self.delivery.recipients);
         self.delivery.recipients.clear();
+    }
+}
+
+/// What a batch with announcements changes: the plan placing events among them, the old
+/// and new answers of the claims sets concerned, and the sockets newly granted each
+/// credential.
+struct Transition<'a> {
+    plan: AnnouncementPlan<'a>,
+    changes: HashMap<Claims, Change>,
+    granted: HashMap<CredentialId, Vec<SessionId>>,
+}
+
+impl Transition<'_> {
+    /// Routes an event of a credential the announcements mention: each candidate socket
+    /// (indexed, or newly granted) gets it if the answer that held at its commit, for its
+    /// user, contains the credential.
+    fn route(
+        &self,
+        table: &RoutingTable,
+        event: &Event,
+        metrics: &Metrics,
+        delivery: &mut Delivery,
+    ) {
+        let mut seen = HashSet::new();
+        let granted = self
+            .granted
+            .get(&event.credential)
+            .map_or(&[][..], Vec::as_slice);
+        for &id in table.indexed(&event.credential).iter().chain(granted) {
+            if !seen.insert(id) {
+                continue;
+            }
+            let Some(route) = table.get(id) else { continue };
+            let may_see = match self.changes.get(&route.claims) {
+                // Not concerned by any announcement: the index answer holds.
+                None => true,
+                Some(change) => match self.plan.phase(event, change.user.as_ref()) {
+                    Phase::Before => change
+                        .old
+                        .as_ref()
+                        .is_some_and(|v| v.contains(&event.credential)),
+                    Phase::After => change
+                        .new
+                        .as_ref()
+                        .is_some_and(|v| v.contains(&event.credential)),
+                    Phase::Ambiguous => {
+                        metrics.denied("ambiguous_visibility", 1);
+                        false
+                    }
+                },
+            };
+            if may_see {
+                table.deliver(id, event, delivery);
+            }
+        }
     }
 }
 
