@@ -224,6 +224,105 @@ async fn an_update_that_changes_nothing_is_not_an_event() {
     assert!(outbox(&client).await.is_empty());
 }
 
+/// Commits one tracked write, then a sentinel NOTIFY; true when the write's transaction
+/// woke the channel (its notification arrives before the later-committed sentinel).
+async fn write_wakes(
+    client: &Client,
+    notifications: &mut mpsc::UnboundedReceiver<String>,
+    cash: i32,
+) -> bool {
+    client
+        .batch_execute(&format!("update balances set cash = {cash}"))
+        .await
+        .expect("tracked write");
+    client
+        .batch_execute("notify rls_relay, 'sentinel'")
+        .await
+        .expect("sentinel");
+    let mut woke = false;
+    loop {
+        let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("the sentinel arrives")
+            .expect("listener alive");
+        match payload.as_str() {
+            "sentinel" => return woke,
+            "wake" => woke = true,
+            other => panic!("unexpected payload {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn writers_notify_exactly_while_some_relay_is_idle() {
+    let db = TestDb::example().await;
+    let client = db.client().await;
+    seed(&client).await;
+    client
+        .batch_execute(&format!(
+            "insert into balances (credential_id, cash) values ('{ALICE_CRED}', 0)"
+        ))
+        .await
+        .expect("balance");
+    let (_listener, mut notifications) = listen(&db, "rls_relay").await;
+    let a = "aaaaaaaa-0000-0000-0000-000000000000";
+    let b = "bbbbbbbb-0000-0000-0000-000000000000";
+    let set = |instance: &'static str, idle: bool| {
+        format!(
+            "insert into relay.listeners values ('{instance}', 'rls_relay', {idle}, now())
+             on conflict (instance_id) do update set idle = excluded.idle, seen_at = now()"
+        )
+    };
+
+    assert!(
+        !write_wakes(&client, &mut notifications, 1).await,
+        "no relay registered"
+    );
+    client.batch_execute(&set(a, true)).await.expect("a idle");
+    assert!(
+        write_wakes(&client, &mut notifications, 2).await,
+        "relay a is idle"
+    );
+    client.batch_execute(&set(a, false)).await.expect("a busy");
+    assert!(
+        !write_wakes(&client, &mut notifications, 3).await,
+        "the only relay is busy"
+    );
+    client.batch_execute(&set(b, true)).await.expect("b idle");
+    assert!(
+        write_wakes(&client, &mut notifications, 4).await,
+        "relay b is idle, a busy"
+    );
+    client
+        .batch_execute(&format!(
+            "update relay.listeners set seen_at = now() - interval '2 minutes' where instance_id = '{b}'"
+        ))
+        .await
+        .expect("b stale");
+    assert!(
+        !write_wakes(&client, &mut notifications, 5).await,
+        "an idle relay not seen for a minute is gone"
+    );
+    client
+        .batch_execute(&set(b, true))
+        .await
+        .expect("b back, idle");
+    assert!(
+        write_wakes(&client, &mut notifications, 6).await,
+        "relay b is back"
+    );
+    client
+        .batch_execute(&format!(
+            "delete from relay.listeners where instance_id = '{b}'"
+        ))
+        .await
+        .expect("b unregisters");
+    assert!(
+        !write_wakes(&client, &mut notifications, 7).await,
+        "relay b unregistered"
+    );
+}
+
 #[tokio::test]
 async fn writers_need_no_privilege_on_the_relay_schema() {
     let db = TestDb::example().await;
