@@ -232,6 +232,9 @@ struct Latency {
 
 #[derive(Default)]
 struct ModeResults {
+    /// Writers flat out with the relay running and reading every event, no socket
+    /// connected: the write path's cost (figure 1).
+    write_path: Vec<Burst>,
     deliveries: Vec<Delivery>,
     latency: Option<Latency>,
     visibility_queries: f64,
@@ -316,7 +319,7 @@ async fn run(options: Options) -> anyhow::Result<String> {
                     };
                     db.set_triggers(triggers).await?;
                     bare.reset();
-                    let burst = plain_burst(&db, &writers, &options).await?;
+                    let burst = plain_burst(&db, &writers, &options, None).await?;
                     progress.say(format!(
                         "round {}/{}: {:<10} {:>7} commits/s",
                         round + 1,
@@ -344,14 +347,16 @@ async fn run(options: Options) -> anyhow::Result<String> {
                     };
                     let log_path = work_dir.join(format!("relay-{}-{round}.log", label(kind)));
                     let results = modes.entry(label(kind)).or_default();
-                    let rate = session.run(mode, round, log_path, results).await?;
-                    this_round.insert(label(kind), rate);
+                    let (write_path, with_sockets) =
+                        session.run(mode, round, log_path, results).await?;
+                    this_round.insert(label(kind), write_path);
+                    this_round.insert(sockets_label(mode), with_sockets);
                 }
             }
         }
         let base = this_round.get("no trigger").copied().unwrap_or(f64::NAN);
         let naive_rate = this_round.get("naive").copied().unwrap_or(f64::NAN);
-        for mode in ["adaptive", "notify"] {
+        for mode in ["adaptive", "notify", "adaptive+sockets", "notify+sockets"] {
             if let Some(rate) = this_round.get(mode) {
                 per_round_ratio
                     .entry(format!("{mode}/none"))
@@ -408,14 +413,15 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Returns the burst's commits/s.
+    /// Returns the commits/s of the write-path burst (no sockets) and of the delivery
+    /// burst (every socket served on the same cores).
     async fn run(
         &self,
         mode: WakeupMode,
         round: usize,
         log_path: PathBuf,
         results: &mut ModeResults,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<(f64, f64)> {
         let (db, options) = (self.db, self.options);
         let name = label(Kind::Relay(mode));
         db.set_triggers(Triggers::Relay).await?;
@@ -427,6 +433,19 @@ impl Session<'_> {
             log_path,
         })
         .await?;
+        // The write path first, with no socket connected: the relay reads every event as
+        // it does in production, while its fan-out (which would run on other machines
+        // there) does not take these 2 cores from Postgres. The delivery burst below
+        // measures the writers again with the fan-out on the same cores.
+        let write_path = plain_burst(db, self.writers, options, Some(relay.pid())).await?;
+        self.progress.say(format!(
+            "round {}/{}: {name:<10} {:>7} commits/s (relay reading, no sockets)",
+            round + 1,
+            options.rounds,
+            thousands(write_path.commits_per_second),
+        ));
+        let write_rate = write_path.commits_per_second;
+        results.write_path.push(write_path);
         let fleet = Fleet::connect(
             relay.addr,
             self.fleet_users,
@@ -485,7 +504,7 @@ impl Session<'_> {
         fleet.close().await;
         relay.stop().await?;
         db.forget_listeners().await?;
-        Ok(rate)
+        Ok((write_rate, rate))
     }
 }
 
@@ -495,6 +514,13 @@ fn label(kind: Kind) -> &'static str {
         Kind::Naive => "naive",
         Kind::Relay(WakeupMode::Adaptive) => "adaptive",
         Kind::Relay(WakeupMode::Notify) => "notify",
+    }
+}
+
+fn sockets_label(mode: WakeupMode) -> &'static str {
+    match mode {
+        WakeupMode::Adaptive => "adaptive+sockets",
+        WakeupMode::Notify => "notify+sockets",
     }
 }
 
@@ -514,11 +540,17 @@ fn mint_token(user: &str) -> anyhow::Result<String> {
 }
 
 /// Writers flat out without the relay running (the baselines).
-async fn plain_burst(db: &Database, writers: &Writers, options: &Options) -> anyhow::Result<Burst> {
+/// Writers flat out; `relay` is the relay process when one runs (its CPU is counted).
+async fn plain_burst(
+    db: &Database,
+    writers: &Writers,
+    options: &Options,
+    relay: Option<u32>,
+) -> anyhow::Result<Burst> {
     db.checkpoint().await?;
-    let probe = Probe::start(db, None).await?;
+    let probe = Probe::start(db, relay).await?;
     let result = writers.max_rate(options.burst, options.warmup).await?;
-    probe.finish(db, None, &result).await
+    probe.finish(db, relay, &result).await
 }
 
 /// Writers flat out with the relay delivering to every socket; then a check of every
@@ -905,17 +937,11 @@ fn render(
     );
     let _ = writeln!(w, "|---|---|---|---|---|---|---|");
     for (name, target) in [("adaptive", Some(0.5)), ("notify", None)] {
-        let measured = Spread::of(
-            &mode(name)
-                .deliveries
-                .iter()
-                .map(|d| d.burst.commits_per_second)
-                .collect::<Vec<_>>(),
-        );
+        let measured = rates(&mode(name).write_path);
         let r = ratio(&format!("{name}/none"));
         let _ = writeln!(
             w,
-            "| 1 | Writers' commits/s, relay triggers, relay in `{name}` mode | {} | no trigger: {} | {} | {} | {} |",
+            "| 1 | Writers' commits/s, relay triggers, relay in `{name}` mode reading every event (no socket connected) | {} | no trigger: {} | {} | {} | {} |",
             measured.whole(),
             none.whole(),
             r.percent(),
@@ -931,6 +957,19 @@ fn render(
                 .map(|d| d.burst.commits_per_second)
                 .collect::<Vec<_>>(),
         );
+        let r = ratio(&format!("{name}+sockets/none"));
+        let _ = writeln!(
+            w,
+            "| 1 | The same while the relay serves the {} sockets on the same {} cores (figure 3's burst) | {} | no trigger: {} | {} | — | — |",
+            thousands(options.sockets() as f64),
+            machine.cores,
+            measured.whole(),
+            none.whole(),
+            r.percent(),
+        );
+    }
+    for name in ["adaptive", "notify"] {
+        let measured = rates(&mode(name).write_path);
         let r = ratio(&format!("{name}/naive"));
         let _ = writeln!(
             w,
@@ -1082,6 +1121,13 @@ fn render(
         let _ = writeln!(w, "| {name} | {} | — | — |", cores(bursts.iter().collect()));
     }
     for name in ["adaptive", "notify"] {
+        let _ = writeln!(
+            w,
+            "| relay `{name}`, no sockets | {} | — | — |",
+            cores(mode(name).write_path.iter().collect())
+        );
+    }
+    for name in ["adaptive", "notify"] {
         let results = mode(name);
         let machine_use = cores(results.deliveries.iter().map(|d| &d.burst).collect());
         let per_event = Spread::of(
@@ -1115,7 +1161,8 @@ fn render(
         );
         let _ = writeln!(
             w,
-            "| relay `{name}` | {machine_use} | {:.1} µs / {:.2} µs | {} / {} |",
+            "| relay `{name}`, {} sockets | {machine_use} | {:.1} µs / {:.2} µs | {} / {} |",
+            thousands(options.sockets() as f64),
             per_event.median,
             per_message.median,
             thousands(wakeups.median),
