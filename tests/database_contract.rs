@@ -265,62 +265,42 @@ async fn writers_notify_exactly_while_some_relay_is_idle() {
         .await
         .expect("balance");
     let (_listener, mut notifications) = listen(&db, "rls_relay").await;
-    let a = "aaaaaaaa-0000-0000-0000-000000000000";
-    let b = "bbbbbbbb-0000-0000-0000-000000000000";
-    let set = |instance: &'static str, idle: bool| {
+    let set = |instance: &str, idle: bool| {
         format!(
             "insert into relay.listeners values ('{instance}', 'rls_relay', {idle}, now())
              on conflict (instance_id) do update set idle = excluded.idle, seen_at = now()"
         )
     };
-
-    assert!(
-        !write_wakes(&client, &mut notifications, 1).await,
-        "no relay registered"
+    let (a, b) = (
+        "aaaaaaaa-0000-0000-0000-000000000000",
+        "bbbbbbbb-0000-0000-0000-000000000000",
     );
-    client.batch_execute(&set(a, true)).await.expect("a idle");
-    assert!(
-        write_wakes(&client, &mut notifications, 2).await,
-        "relay a is idle"
-    );
-    client.batch_execute(&set(a, false)).await.expect("a busy");
-    assert!(
-        !write_wakes(&client, &mut notifications, 3).await,
-        "the only relay is busy"
-    );
-    client.batch_execute(&set(b, true)).await.expect("b idle");
-    assert!(
-        write_wakes(&client, &mut notifications, 4).await,
-        "relay b is idle, a busy"
-    );
-    client
-        .batch_execute(&format!(
-            "update relay.listeners set seen_at = now() - interval '2 minutes' where instance_id = '{b}'"
-        ))
-        .await
-        .expect("b stale");
-    assert!(
-        !write_wakes(&client, &mut notifications, 5).await,
-        "an idle relay not seen for a minute is gone"
-    );
-    client
-        .batch_execute(&set(b, true))
-        .await
-        .expect("b back, idle");
-    assert!(
-        write_wakes(&client, &mut notifications, 6).await,
-        "relay b is back"
-    );
-    client
-        .batch_execute(&format!(
-            "delete from relay.listeners where instance_id = '{b}'"
-        ))
-        .await
-        .expect("b unregisters");
-    assert!(
-        !write_wakes(&client, &mut notifications, 7).await,
-        "relay b unregistered"
-    );
+    // (change to relay.listeners, then: does a write wake the channel?, why)
+    let steps = [
+        (String::new(), false, "no relay registered"),
+        (set(a, true), true, "relay a is idle"),
+        (set(a, false), false, "the only relay is busy"),
+        (set(b, true), true, "relay b is idle, a busy"),
+        (
+            format!("update relay.listeners set seen_at = now() - interval '2 minutes' where instance_id = '{b}'"),
+            false,
+            "an idle relay not seen for a minute is gone",
+        ),
+        (set(b, true), true, "relay b is back"),
+        (
+            format!("delete from relay.listeners where instance_id = '{b}'"),
+            false,
+            "relay b unregistered",
+        ),
+    ];
+    for (cash, (change, wakes, why)) in (1..).zip(steps) {
+        client.batch_execute(&change).await.expect(why);
+        assert_eq!(
+            write_wakes(&client, &mut notifications, cash).await,
+            wakes,
+            "{why}"
+        );
+    }
 }
 
 #[tokio::test]
