@@ -539,8 +539,8 @@ fn mint_token(user: &str) -> anyhow::Result<String> {
     )?)
 }
 
-/// Writers flat out without the relay running (the baselines).
-/// Writers flat out; `relay` is the relay process when one runs (its CPU is counted).
+/// Writers flat out: the baselines without a relay, or the write path with the relay
+/// `relay` (a pid: its CPU is counted) running.
 async fn plain_burst(
     db: &Database,
     writers: &Writers,
@@ -960,7 +960,7 @@ fn render(
         let r = ratio(&format!("{name}+sockets/none"));
         let _ = writeln!(
             w,
-            "| 1 | The same while the relay serves the {} sockets on the same {} cores (figure 3's burst) | {} | no trigger: {} | {} | — | — |",
+            "| 1 | Writers' commits/s, relay in `{name}` mode serving the {} sockets on the same {} cores (figure 3's burst) | {} | no trigger: {} | {} | — | — |",
             thousands(options.sockets() as f64),
             machine.cores,
             measured.whole(),
