@@ -142,61 +142,49 @@ begin
 end
 $$;
 
--- The event trigger, one branch per operation so that each row evaluates only what it
--- needs. Semantics unchanged from V1: no-op updates and rows without a credential make
--- no event; a row that moves to another credential is a DELETE for the old one and an
--- INSERT for the new one. Writers NOTIFY only while some relay is idle.
+-- The event trigger. Semantics unchanged from V1: no-op updates and rows without a
+-- credential make no event; a row that moves to another credential is a DELETE for the
+-- old one and an INSERT for the new one. Writers NOTIFY only while some relay is idle.
 create or replace function relay.capture_event() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
 as $$
 declare
+    operation text := tg_op;
     new_image jsonb;
     old_image jsonb;
     new_credential text;
     old_credential text;
+    moved_away boolean := false;
 begin
-    if tg_op = 'UPDATE' then
+    if tg_op <> 'DELETE' then
         new_image := to_jsonb(new);
+    end if;
+    if tg_op <> 'INSERT' then
         old_image := to_jsonb(old);
-        if new_image = old_image then
-            return null; -- nothing changed: nothing to tell anyone
+    end if;
+    if tg_op = 'UPDATE' and new_image = old_image then
+        return null; -- nothing changed: nothing to tell anyone
+    end if;
+    new_credential := new_image ->> tg_argv[0];
+    old_credential := old_image ->> tg_argv[0];
+    if tg_op = 'UPDATE' and new_credential is distinct from old_credential then
+        -- The row moved to another credential: a removal for the old credential's
+        -- viewers here, an arrival for the new one's below.
+        if old_credential is not null then
+            insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, old_row)
+            values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'DELETE', old_credential, old_image);
+            moved_away := true;
         end if;
-        new_credential := new_image ->> tg_argv[0];
-        old_credential := old_image ->> tg_argv[0];
-        if new_credential is not distinct from old_credential then
-            if new_credential is null then
-                return null; -- a row without a credential is visible to nobody
-            end if;
-            insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, new_row, old_row)
-            values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'UPDATE', new_credential, new_image, old_image);
-        else
-            -- The row moved to another credential: a removal for the old credential's
-            -- viewers, an arrival for the new one's.
-            if old_credential is not null then
-                insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, old_row)
-                values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'DELETE', old_credential, old_image);
-            end if;
-            if new_credential is not null then
-                insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, new_row)
-                values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'INSERT', new_credential, new_image);
-            end if;
-        end if;
-    elsif tg_op = 'INSERT' then
-        new_image := to_jsonb(new);
-        new_credential := new_image ->> tg_argv[0];
-        if new_credential is null then
-            return null;
-        end if;
-        insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, new_row)
-        values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'INSERT', new_credential, new_image);
-    else
-        old_image := to_jsonb(old);
-        old_credential := old_image ->> tg_argv[0];
-        if old_credential is null then
-            return null;
-        end if;
-        insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, old_row)
-        values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], 'DELETE', old_credential, old_image);
+        operation := 'INSERT';
+        old_image := null;
+        old_credential := null;
+    end if;
+    if coalesce(new_credential, old_credential) is not null then
+        insert into relay.outbox (kind, table_schema, table_name, event_type, row_key, op, credential_id, new_row, old_row)
+        values ('event', tg_argv[3], tg_argv[4], tg_argv[1], tg_argv[2], operation,
+                coalesce(new_credential, old_credential), new_image, old_image);
+    elsif not moved_away then
+        return null; -- a row without a credential is visible to nobody
     end if;
     if pg_sequence_last_value('relay.idle_relays'::regclass) > 0 then
         perform relay.wake();
