@@ -884,14 +884,7 @@ fn render(
     per_round_ratio: &HashMap<String, Vec<f64>>,
     idle: &Idle,
 ) -> String {
-    let rates = |bursts: &[Burst]| {
-        Spread::of(
-            &bursts
-                .iter()
-                .map(|b| b.commits_per_second)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let rates = |bursts: &[Burst]| Spread::over(bursts, |b| b.commits_per_second);
     let none = rates(no_trigger);
     let naive_rate = rates(naive);
     let empty = ModeResults::default();
@@ -950,13 +943,7 @@ fn render(
         );
     }
     for name in ["adaptive", "notify"] {
-        let measured = Spread::of(
-            &mode(name)
-                .deliveries
-                .iter()
-                .map(|d| d.burst.commits_per_second)
-                .collect::<Vec<_>>(),
-        );
+        let measured = Spread::over(&mode(name).deliveries, |d| d.burst.commits_per_second);
         let r = ratio(&format!("{name}+sockets/none"));
         let _ = writeln!(
             w,
@@ -982,46 +969,18 @@ fn render(
     for name in ["adaptive", "notify"] {
         let results = mode(name);
         let clean = results.deliveries.iter().all(|d| d.check.clean());
-        let delivered = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.delivered_events_per_second)
-                .collect::<Vec<_>>(),
-        );
-        let committed = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.committed_events_per_second)
-                .collect::<Vec<_>>(),
-        );
-        let messages = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.socket_messages_per_second)
-                .collect::<Vec<_>>(),
-        );
-        let keeps_up = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.delivered_events_per_second / d.committed_events_per_second)
-                .collect::<Vec<_>>(),
-        );
+        let delivered = Spread::over(&results.deliveries, |d| d.delivered_events_per_second);
+        let committed = Spread::over(&results.deliveries, |d| d.committed_events_per_second);
+        let messages = Spread::over(&results.deliveries, |d| d.socket_messages_per_second);
+        let keeps_up = Spread::over(&results.deliveries, |d| {
+            d.delivered_events_per_second / d.committed_events_per_second
+        });
         let lost: u64 = results
             .deliveries
             .iter()
             .map(|d| d.check.missing + d.check.unexpected + d.check.duplicates)
             .sum();
-        let drain = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.drain_micros as f64 / 1000.0)
-                .collect::<Vec<_>>(),
-        );
+        let drain = Spread::over(&results.deliveries, |d| d.drain_micros as f64 / 1000.0);
         let _ = writeln!(
             w,
             "| 3 | Events delivered/s at the writers' top rate, `{name}`, after the warm-up (socket messages/s: {}; last delivery {} ms after the writers stopped; {} wrong or lost deliveries) | {} | committed: {} events/s | {} | = committed (±3%), 0 lost | {} |",
@@ -1096,9 +1055,7 @@ fn render(
     );
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
     let cores = |bursts: Vec<&Burst>| {
-        let pick = |f: &dyn Fn(&Burst) -> f64| {
-            Spread::of(&bursts.iter().map(|b| f(b)).collect::<Vec<_>>()).median
-        };
+        let pick = |f: &dyn Fn(&Burst) -> f64| Spread::over(&bursts, |b| f(b)).median;
         let (mut waits, mut reader) = (Waits::default(), Waits::default());
         for burst in &bursts {
             waits.merge(&burst.waits);
@@ -1130,35 +1087,11 @@ fn render(
     for name in ["adaptive", "notify"] {
         let results = mode(name);
         let machine_use = cores(results.deliveries.iter().map(|d| &d.burst).collect());
-        let per_event = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.relay_micros_per_event)
-                .collect::<Vec<_>>(),
-        );
-        let per_message = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.relay_micros_per_message)
-                .collect::<Vec<_>>(),
-        );
+        let per_event = Spread::over(&results.deliveries, |d| d.relay_micros_per_event);
+        let per_message = Spread::over(&results.deliveries, |d| d.relay_micros_per_message);
         let seconds = options.burst.as_secs_f64();
-        let wakeups = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.notifications / seconds)
-                .collect::<Vec<_>>(),
-        );
-        let reads = Spread::of(
-            &results
-                .deliveries
-                .iter()
-                .map(|d| d.reads / seconds)
-                .collect::<Vec<_>>(),
-        );
+        let wakeups = Spread::over(&results.deliveries, |d| d.notifications / seconds);
+        let reads = Spread::over(&results.deliveries, |d| d.reads / seconds);
         let _ = writeln!(
             w,
             "| relay `{name}`, {} sockets | {machine_use} | {:.1} µs / {:.2} µs | {} / {} |",
@@ -1169,15 +1102,7 @@ fn render(
             thousands(reads.median),
         );
     }
-    let rss_1000 = |name: &str| {
-        Spread::of(
-            &mode(name)
-                .rss_kib_1000
-                .iter()
-                .map(|&k| k as f64)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let rss_1000 = |name: &str| Spread::over(&mode(name).rss_kib_1000, |&k| k as f64);
     let _ = writeln!(w);
     let _ = writeln!(
         w,

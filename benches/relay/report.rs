@@ -10,6 +10,11 @@ pub struct Spread {
 }
 
 impl Spread {
+    /// The spread of one figure taken from each of `items` (bursts, deliveries, rounds).
+    pub fn over<T>(items: &[T], figure: impl Fn(&T) -> f64) -> Self {
+        Self::of(&items.iter().map(figure).collect::<Vec<_>>())
+    }
+
     pub fn of(values: &[f64]) -> Self {
         if values.is_empty() {
             return Self::default();
